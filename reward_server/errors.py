@@ -1,0 +1,50 @@
+"""Errors the reward server raises on purpose, each mapped to one gRPC status and HTTP code.
+
+Model and host code raise these; the gRPC error interceptor and the HTTP gateway translate
+them. Anything else that escapes is an INTERNAL error (a bug), logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class RewardError(Exception):
+    """Base class: a failure the caller can act on. ``str(err)`` is the message sent back."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    http_status: int = 500
+
+
+class InvalidArgument(RewardError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class NotFound(RewardError):
+    code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class FailedPrecondition(RewardError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+
+
+class ResourceExhausted(RewardError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+
+class Unavailable(RewardError):
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+class Unauthenticated(RewardError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class ConfigError(ValueError):
+    """A bad server configuration (file, preset or flag); the CLI prints it without a traceback."""

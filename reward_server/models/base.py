@@ -1,0 +1,95 @@
+"""The reward-model interface. Models know nothing of gRPC, batching or persistence.
+
+A model scores a batch of uint8 [H, W, 3] images with their prompts. A trainable model
+(a discriminator) also learns from references vs generations, and exports/imports the state
+that must survive a restart (trainable weights and optimizer) as flat tensors + string metadata.
+
+Threading: the host calls a model from one worker thread at a time, so models need no locks.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+Image = np.ndarray  # uint8 [H, W, 3]
+
+
+@dataclass
+class UpdateResult:
+    loss: float  # training loss of the last step
+    reference_score: float  # mean reward on the given references, after the update
+    generated_score: float  # mean reward on the given generations, after the update
+    accuracy: float  # fraction of those images classified correctly after the update
+
+
+class RewardModel(abc.ABC):
+    kind: str = ""
+    trainable: bool = False
+
+    def __init__(self, name: str):
+        self.name = name
+        self.version = 0  # rises by 1 per acknowledged update (set by the host)
+
+    def validate(self, prompts: Sequence[str], where: Sequence[str]) -> None:
+        """Raises InvalidArgument naming ``where[i]`` when ``prompts[i]`` cannot be scored.
+
+        Called before a request is queued, so one bad request never fails a merged batch.
+        """
+
+    @abc.abstractmethod
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
+        """One float32 reward per image."""
+
+    def warmup(self) -> None:
+        """Proves the model runs (health): scores one small image."""
+        img = np.full((64, 64, 3), 127, dtype=np.uint8)
+        out = self.score([img], ['a "warmup" image'])
+        if out.shape != (1,) or not np.isfinite(out).all():
+            raise RuntimeError(f"model {self.name}: warm-up returned {out!r}")
+
+    def close(self) -> None:
+        """Releases resources (threads, sessions)."""
+
+
+class TrainableRewardModel(RewardModel):
+    trainable = True
+
+    @abc.abstractmethod
+    def update(
+        self,
+        references: Sequence[Image],
+        reference_prompts: Sequence[str],
+        generated: Sequence[Image],
+        generated_prompts: Sequence[str],
+        steps: int,
+    ) -> UpdateResult:
+        """Trains ``steps`` optimizer steps on this batch (references real, generations fake).
+
+        Must be deterministic given the model state and the inputs (no unseeded randomness), so a
+        restarted server replays identically. Raises InvalidArgument for unusable batches.
+        """
+
+    @abc.abstractmethod
+    def export_state(self) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:  # noqa: F821
+        """Everything an update changes (trainable weights, optimizer state) as tensors + metadata."""
+
+    @abc.abstractmethod
+    def import_state(self, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str]) -> None:  # noqa: F821
+        """Restores what ``export_state`` returned (also used to roll back a failed update)."""
+
+    def fingerprint(self) -> str:
+        """Identifies the architecture the state belongs to; a state dir of another model is refused."""
+        return self.kind
+
+
+def content_seed(image: Image, salt: int = 0) -> int:
+    """A 63-bit seed from the image's pixels: the same image always samples the same patches."""
+    h = hashlib.blake2b(digest_size=8, key=salt.to_bytes(8, "little", signed=True))
+    h.update(np.ascontiguousarray(image).tobytes())
+    h.update(np.asarray(image.shape, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
