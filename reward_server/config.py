@@ -60,7 +60,10 @@ class PickScoreParams:
 class OcrParams:
     """PP-OCR through rapidocr-onnxruntime (weights ship in the wheel)."""
 
-    min_confidence: float = 0.0  # recognised spans below this confidence are dropped
+    # Recognised spans below this confidence are dropped. 0.5 is PaddleOCR's drop_score, which
+    # Flow-GRPO's OCR reward inherits.
+    min_confidence: float = 0.5
+    num_threads: int = 1  # onnxruntime intra-op threads per session; 0: all cores
 
 
 @dataclass
@@ -97,6 +100,7 @@ class ServerSettings:
     max_image_side: int = 4096
     max_images_per_request: int = 1024
     max_stream_inflight: int = 8  # ScoreStream requests scored concurrently per stream
+    max_update_steps: int = 1000  # optimizer steps one UpdateDiscriminator may ask for
     auth_token: str | None = None  # when set, RPCs need "authorization: Bearer <token>"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     torch_threads: int = 0  # 0: torch's default
@@ -130,7 +134,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dino": {
                 "kind": "dino",
                 "weight": 1.0,
-                "params": {"backbone": TINY, "image_size": 56, "head_hidden": 64, "num_patches": 8},
+                "params": {"backbone": TINY, "image_size": 56, "head_hidden": 64, "num_patches": 8, "lr": 1e-3},
             },
             "pickscore": {
                 "kind": "pickscore",

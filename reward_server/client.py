@@ -1,0 +1,301 @@
+"""The Python client trainers import: ``RewardClient("127.0.0.1:50051").score([...])``.
+
+It encodes tensors/arrays/PIL images (raw RGB8 by default: cheapest to encode and to decode),
+splits groups that exceed the message budget into several requests and stitches the answers
+back, sets a deadline on every call, and retries UNAVAILABLE with exponential backoff.
+Discriminator updates carry an idempotency key, so retrying them is safe too.
+
+Depends only on grpc, numpy and PIL: no torch, no server code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
+
+from .images import encode_image
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+@dataclass
+class Group:
+    """One prompt's images. ``images``: PIL images, uint8 HWC arrays, or float CHW/HWC tensors in [0, 1]."""
+
+    prompt: str
+    images: Sequence[Any]
+    group_id: str = ""
+
+
+@dataclass
+class GroupScore:
+    group_id: str
+    rewards: list[float]
+    components: dict[str, list[float]]
+    model_versions: dict[str, int]
+
+
+@dataclass
+class UpdateResult:
+    model: str
+    version: int
+    loss: float
+    reference_score: float
+    generated_score: float
+    accuracy: float
+    replayed: bool = False
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    kind: str
+    trainable: bool
+    version: int
+    default_weight: float
+
+
+@dataclass
+class RetryPolicy:
+    max_attempts: int = 6
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+    retryable: tuple = field(default=_RETRYABLE)
+
+
+class RewardClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 120.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        encoding: str = "raw",
+        retry: RetryPolicy | None = None,
+    ):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.encoding = encoding
+        self.retry = retry or RetryPolicy()
+        # Leave headroom below the limit for the non-image fields of a request.
+        self.chunk_bytes = max(1024, int(max_message_bytes * 0.9))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RewardClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def health(self, service: str = "", timeout_s: float = 5.0) -> str:
+        """"SERVING", "NOT_SERVING", ... of the server (or of one service)."""
+        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Blocks until the server reports SERVING; raises TimeoutError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.health(timeout_s=min(5.0, max(0.1, deadline - time.monotonic()))) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"reward server at {self.target} not SERVING after {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+    # ------------------------------------------------------------------ calls
+
+    def list_models(self) -> list[ModelInfo]:
+        response = self._call(self._stub.ListModels, reward_pb2.ListModelsRequest())
+        return [ModelInfo(m.name, m.kind, m.trainable, m.version, m.default_weight) for m in response.models]
+
+    def score(self, groups: Sequence[Group], weights: dict[str, float] | None = None) -> list[GroupScore]:
+        """Scores groups (one unary call per message-sized chunk); results in the order given."""
+        encoded = [self._encode_group(g, i) for i, g in enumerate(groups)]
+        results: list[_Part] = []
+        for request, parts in self._requests(encoded, weights):
+            response = self._call(self._stub.Score, request)
+            results.extend(_collect(response, parts))
+        merged = _merge_parts(results)
+        if len(merged) != len(groups):
+            raise RuntimeError(f"expected scores for {len(groups)} groups, got {len(merged)}")
+        return merged
+
+    def score_stream(
+        self, groups: Iterable[Group], weights: dict[str, float] | None = None
+    ) -> Iterator[GroupScore]:
+        """Streams groups as they come (e.g. as a sampler decodes them) and yields each group's
+        scores in order, as soon as the server has them. The server scores several at once."""
+        parts_fifo: list[list[tuple[int, int]]] = []
+        counter = [0]
+
+        def requests() -> Iterator[reward_pb2.ScoreRequest]:
+            for g in groups:
+                index = counter[0]
+                counter[0] += 1
+                for request, parts in self._requests([self._encode_group(g, index)], weights):
+                    parts_fifo.append(parts)
+                    yield request
+
+        pending: list[_Part] = []
+        for response in self._stub.ScoreStream(requests(), metadata=self._metadata, timeout=None):
+            for part in _collect(response, parts_fifo.pop(0)):
+                if pending and part.index != pending[0].index:
+                    yield _merge_parts(pending)[0]
+                    pending = []
+                pending.append(part)
+        if pending:
+            yield _merge_parts(pending)[0]
+
+    def update_discriminator(
+        self,
+        model: str,
+        references: Sequence[Group],
+        generated: Sequence[Group],
+        steps: int = 1,
+        update_id: str | None = None,
+    ) -> UpdateResult:
+        """One discriminator update (``steps`` optimizer steps); safe to retry (idempotency key)."""
+        request = reward_pb2.UpdateDiscriminatorRequest(
+            model=model,
+            references=[self._encode_group(g, i).message for i, g in enumerate(references)],
+            generated=[self._encode_group(g, i).message for i, g in enumerate(generated)],
+            steps=steps,
+            update_id=update_id or uuid.uuid4().hex,
+        )
+        r = self._call(self._stub.UpdateDiscriminator, request)
+        return UpdateResult(r.model, r.version, r.loss, r.reference_score, r.generated_score, r.accuracy, r.replayed)
+
+    # ------------------------------------------------------------------ internals
+
+    def _call(self, method: Callable[..., T], request) -> T:
+        policy = self.retry
+        backoff = policy.initial_backoff_s
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                return method(request, timeout=self.timeout_s, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() not in policy.retryable or attempt == policy.max_attempts:
+                    raise
+                delay = backoff * (0.5 + random.random() / 2)  # jitter keeps clients from stampeding
+                log.warning("reward server %s: %s; retry %d in %.2fs", self.target, exc.code().name, attempt, delay)
+                time.sleep(delay)
+                backoff = min(backoff * policy.multiplier, policy.max_backoff_s)
+        raise AssertionError("unreachable")
+
+    def _encode_group(self, group: Group, index: int) -> "_Encoded":
+        images = [encode_image(img, self.encoding) for img in group.images]
+        message = reward_pb2.ImageGroup(group_id=group.group_id or str(index), prompt=group.prompt, images=images)
+        return _Encoded(index, message)
+
+    def _requests(self, encoded: Sequence["_Encoded"], weights) -> Iterator[tuple[reward_pb2.ScoreRequest, list]]:
+        """Packs groups into requests below the chunk budget, splitting groups that are too big."""
+        request = reward_pb2.ScoreRequest(weights=weights or {})
+        parts: list[tuple[int, int]] = []  # (group index, part number) per group in the request
+        size = 0
+        for enc in encoded:
+            for part_no, piece in enumerate(_split(enc.message, self.chunk_bytes)):
+                piece_size = piece.ByteSize()
+                if parts and size + piece_size > self.chunk_bytes:
+                    yield request, parts
+                    request, parts, size = reward_pb2.ScoreRequest(weights=weights or {}), [], 0
+                request.groups.append(piece)
+                parts.append((enc.index, part_no))
+                size += piece_size
+        if parts:
+            yield request, parts
+
+
+@dataclass
+class _Encoded:
+    index: int
+    message: reward_pb2.ImageGroup
+
+
+def _split(group: reward_pb2.ImageGroup, budget: int) -> list[reward_pb2.ImageGroup]:
+    if group.ByteSize() <= budget:
+        return [group]
+    pieces, current, size = [], [], 0
+    for img in group.images:
+        s = img.ByteSize() + 8
+        if current and size + s > budget:
+            pieces.append(current)
+            current, size = [], 0
+        current.append(img)
+        size += s
+    pieces.append(current)
+    return [reward_pb2.ImageGroup(group_id=group.group_id, prompt=group.prompt, images=p) for p in pieces]
+
+
+@dataclass
+class _Part:
+    index: int  # the group's position in the caller's sequence
+    part: int  # which piece of a split group
+    score: GroupScore
+
+
+def _collect(response: reward_pb2.ScoreResponse, parts: list[tuple[int, int]]) -> list[_Part]:
+    if len(response.groups) != len(parts):
+        raise RuntimeError(f"server answered {len(response.groups)} groups for {len(parts)} sent")
+    return [
+        _Part(
+            index,
+            part_no,
+            GroupScore(
+                g.group_id,
+                list(g.rewards),
+                {k: list(v.values) for k, v in g.components.items()},
+                dict(g.model_versions),
+            ),
+        )
+        for g, (index, part_no) in zip(response.groups, parts)
+    ]
+
+
+def _merge_parts(parts: list[_Part]) -> list[GroupScore]:
+    """Stitches the pieces of split groups back together, in group order."""
+    by_index: dict[int, list[_Part]] = {}
+    for p in parts:
+        by_index.setdefault(p.index, []).append(p)
+    merged = []
+    for index in sorted(by_index):
+        pieces = [p.score for p in sorted(by_index[index], key=lambda p: p.part)]
+        first = pieces[0]
+        for p in pieces[1:]:
+            first.rewards.extend(p.rewards)
+            for k, v in p.components.items():
+                first.components[k].extend(v)
+            for k, v in p.model_versions.items():
+                # A split group may straddle an update: report the newest version involved.
+                first.model_versions[k] = max(first.model_versions[k], v)
+        merged.append(first)
+    return merged

@@ -1,0 +1,337 @@
+"""The Adv-GRPO DINO discriminator: a frozen DINOv2 backbone and a small trained head.
+
+reward(image) = cls_weight * head(cls) + (1 - cls_weight) * mean_k head(patch_k), a raw logit, where
+the K patch tokens are sampled without replacement from a generator seeded by the image's own
+pixels (``content_seed``): the same image always gets the same reward under the same weights,
+whatever batch it arrives in. The head is trained with the hinge loss on references (real) vs
+generations (fake). Unlike the original code, one feature transform serves scoring and training.
+
+The math lives in small pure functions (``sample_patch_index``, ``transform_tokens``,
+``head_scores``, ``hinge_loss``, ``discriminator_loss``); ``head_scores`` is the one step a fused
+kernel may replace on the scoring path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TINY, DinoParams
+from ..errors import InvalidArgument
+from ..state import optimizer_state_from_tensors, optimizer_state_to_tensors
+from .base import Image, TrainableRewardModel, UpdateResult, content_seed
+
+__all__ = [
+    "DinoDiscriminator",
+    "build_head",
+    "discriminator_loss",
+    "head_scores",
+    "hinge_loss",
+    "mix_seed",
+    "sample_patch_index",
+    "transform_tokens",
+]
+
+_HEAD_PREFIX = "head."
+_OPTIM_PREFIX = "optim."
+_OPTIM_META = "optim"
+_FINGERPRINT_META = "fingerprint"
+
+
+# --------------------------------------------------------------------------------------------
+# Pure math
+
+
+def mix_seed(seed: int, *values: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``values`` (e.g. model version and step index)."""
+    h = hashlib.blake2b(digest_size=8)
+    for v in (seed, *values):
+        h.update(int(v).to_bytes(16, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def sample_patch_index(
+    seeds: Sequence[int], n_patches: int, k: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """[B, K] patch indices (0..n_patches-1, CLS excluded), K distinct ones per row.
+
+    Row b depends only on ``seeds[b]``: each row draws from its own CPU generator, so the result
+    is the same on every device and for every batch composition.
+    """
+    if not 1 <= k <= n_patches:
+        raise ValueError(f"k must be in 1..{n_patches}, got {k}")
+    rows = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        rows.append(torch.randperm(n_patches, generator=g)[:k])
+    if not rows:
+        return torch.empty(0, k, dtype=torch.long, device=device)
+    return torch.stack(rows).to(device)
+
+
+def transform_tokens(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """The feature transform shared by scoring and training: "l2" normalises each token over D."""
+    if kind == "l2":
+        return F.normalize(tokens, p=2.0, dim=-1, eps=1e-12)
+    if kind == "none":
+        return tokens
+    raise ValueError(f"unknown feature_transform {kind!r} (expected 'l2' or 'none')")
+
+
+def build_head(dim: int, hidden: int, seed: int) -> nn.Sequential:
+    """Linear(D, hidden) -> GELU (exact) -> Linear(hidden, 1), initialised from ``seed``.
+
+    Same distribution as torch's default Linear init (U(+-1/sqrt(fan_in))) but drawn from a
+    private generator on the CPU, so weights are identical on every device and the global RNG is
+    not touched.
+    """
+    # skip_init: constructing a Linear normally would draw (and advance) the global RNG.
+    head = nn.Sequential(
+        nn.utils.skip_init(nn.Linear, dim, hidden),
+        nn.GELU(approximate="none"),
+        nn.utils.skip_init(nn.Linear, hidden, 1),
+    )
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for layer in (head[0], head[2]):
+            bound = 1.0 / math.sqrt(layer.in_features)
+            layer.weight.uniform_(-bound, bound, generator=g)
+            layer.bias.uniform_(-bound, bound, generator=g)
+    return head
+
+
+def head_scores(
+    tokens: torch.Tensor, patch_index: torch.Tensor, head: nn.Module, cls_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores CLS and sampled patch tokens with the shared head.
+
+    tokens [B, 1+N, D] (already transformed), patch_index [B, K] into the N patch tokens.
+    Returns cls_logit [B], patch_logit [B, K], reward [B] = w*cls + (1-w)*mean(patch).
+    """
+    b, _, d = tokens.shape
+    k = patch_index.shape[1]
+    patches = tokens[:, 1:, :].gather(1, patch_index.unsqueeze(-1).expand(b, k, d))
+    picked = torch.cat([tokens[:, :1, :], patches], dim=1)  # one head call for CLS + patches
+    logits = head(picked).squeeze(-1)  # [B, 1+K]
+    cls_logit, patch_logit = logits[:, 0], logits[:, 1:]
+    reward = cls_weight * cls_logit + (1.0 - cls_weight) * patch_logit.mean(dim=1)
+    return cls_logit, patch_logit, reward
+
+
+def hinge_loss(ref_logits: torch.Tensor, gen_logits: torch.Tensor) -> torch.Tensor:
+    """½(mean relu(1 − D(ref)) + mean relu(1 + D(gen))), each mean over all given logits."""
+    return 0.5 * (F.relu(1.0 - ref_logits).mean() + F.relu(1.0 + gen_logits).mean())
+
+
+def discriminator_loss(
+    ref_cls: torch.Tensor,
+    ref_patch: torch.Tensor,
+    gen_cls: torch.Tensor,
+    gen_patch: torch.Tensor,
+    patch_loss_weight: float,
+) -> torch.Tensor:
+    """Hinge loss on CLS logits plus ``patch_loss_weight`` × the hinge loss on every patch logit."""
+    return hinge_loss(ref_cls, gen_cls) + patch_loss_weight * hinge_loss(ref_patch, gen_patch)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_images(images: Sequence[Image], field: str) -> None:
+    """Raises InvalidArgument naming the first image that is not uint8 [H, W, 3]."""
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+            raise InvalidArgument(f"{field}[{i}]: expected a uint8 [H, W, 3] image, got {desc}")
+        if img.shape[0] == 0 or img.shape[1] == 0:
+            raise InvalidArgument(f"{field}[{i}]: empty image {img.shape}")
+
+
+def check_prompts(images: Sequence[Image], prompts: Sequence[str], field: str) -> None:
+    if len(prompts) != len(images):
+        raise InvalidArgument(f"{field}: {len(prompts)} prompts for {len(images)} images")
+
+
+class DinoDiscriminator(TrainableRewardModel):
+    kind = "dino"
+    # Images per backbone forward: bounds activation memory when an update brings many images.
+    backbone_chunk = 32
+
+    def __init__(self, name: str, params: DinoParams, device: str = "cpu"):
+        super().__init__(name)
+        self.params = params
+        self.device = _resolve_device(device)
+        if params.backbone == TINY:
+            from .tiny import tiny_dinov2
+
+            backbone = tiny_dinov2(params.image_size, params.seed)
+        else:
+            from transformers import Dinov2Model
+
+            backbone = Dinov2Model.from_pretrained(params.backbone, dtype=torch.float32)
+        self.backbone = backbone.to(self.device).eval().requires_grad_(False)
+        self.dim = int(self.backbone.config.hidden_size)
+        patch = int(self.backbone.config.patch_size)
+        self.n_patches = (params.image_size // patch) ** 2
+        if self.n_patches < 1:
+            raise ValueError(f"image_size {params.image_size} is smaller than the patch size {patch}")
+        self.k = min(params.num_patches, self.n_patches)
+        transform_tokens(torch.zeros(1, 1), params.feature_transform)  # fail fast on a bad name
+
+        self.head = build_head(self.dim, params.head_hidden, params.seed).to(self.device)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=params.lr, betas=tuple(params.betas))
+        self._mean = torch.tensor(params.image_mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
+        self._std = torch.tensor(params.image_std, dtype=torch.float32, device=self.device).view(3, 1, 1)
+
+    # -- features ------------------------------------------------------------------------------
+
+    def _preprocess(self, image: Image) -> torch.Tensor:
+        """uint8 [H, W, 3] -> normalised float32 [3, S, S] (bicubic, antialiased when shrinking)."""
+        s = self.params.image_size
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        x = x.permute(2, 0, 1).to(torch.float32).div_(255.0)
+        if x.shape[1:] != (s, s):
+            x = F.interpolate(x[None], size=(s, s), mode="bicubic", align_corners=False, antialias=True)[0]
+            x = x.clamp_(0.0, 1.0)  # bicubic overshoots; keep the pixel range of a real image
+        return (x - self._mean) / self._std
+
+    @torch.no_grad()
+    def features(self, images: Sequence[Image]) -> torch.Tensor:
+        """Transformed backbone tokens [B, 1+N, D] (CLS first), float32 on the model's device."""
+        out = []
+        for start in range(0, len(images), self.backbone_chunk):
+            chunk = images[start : start + self.backbone_chunk]
+            pixels = torch.stack([self._preprocess(img) for img in chunk])
+            tokens = self.backbone(pixel_values=pixels).last_hidden_state
+            out.append(transform_tokens(tokens.to(torch.float32), self.params.feature_transform))
+        tokens = torch.cat(out)
+        # Registers or odd sizes would break the 1+N layout every index here relies on.
+        if tokens.shape[1] != 1 + self.n_patches:
+            raise RuntimeError(f"backbone returned {tokens.shape[1]} tokens, expected 1+{self.n_patches}")
+        return tokens
+
+    def _seeds(self, images: Sequence[Image]) -> list[int]:
+        # Seeded from the original uint8 pixels, before any resizing.
+        return [content_seed(img, self.params.seed) for img in images]
+
+    @torch.no_grad()
+    def _rewards(self, tokens: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        index = sample_patch_index(seeds, self.n_patches, self.k, self.device)
+        return head_scores(tokens, index, self.head, self.params.cls_weight)[2]
+
+    # -- RewardModel ---------------------------------------------------------------------------
+
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
+        check_images(images, "images")
+        if not images:
+            return np.zeros(0, dtype=np.float32)
+        tokens = self.features(images)
+        return self._rewards(tokens, self._seeds(images)).cpu().numpy().astype(np.float32)
+
+    def update(
+        self,
+        references: Sequence[Image],
+        reference_prompts: Sequence[str],
+        generated: Sequence[Image],
+        generated_prompts: Sequence[str],
+        steps: int,
+    ) -> UpdateResult:
+        if not references:
+            raise InvalidArgument("discriminator update has no references")
+        if not generated:
+            raise InvalidArgument("discriminator update has no generated images")
+        if steps < 1:
+            raise InvalidArgument(f"steps must be >= 1, got {steps}")
+        check_images(references, "references")
+        check_images(generated, "generated")
+        check_prompts(references, reference_prompts, "reference_prompts")
+        check_prompts(generated, generated_prompts, "generated_prompts")
+
+        p = self.params
+        # The backbone is frozen: its tokens are computed once and reused by every step.
+        ref_tokens, gen_tokens = self.features(references), self.features(generated)
+        ref_seeds, gen_seeds = self._seeds(references), self._seeds(generated)
+
+        self.head.train()
+        loss = torch.zeros(())
+        for step in range(steps):
+            # Fresh patches per step, yet deterministic: seeded by content, version and step.
+            ref_index = sample_patch_index(
+                [mix_seed(s, self.version, step) for s in ref_seeds], self.n_patches, self.k, self.device
+            )
+            gen_index = sample_patch_index(
+                [mix_seed(s, self.version, step) for s in gen_seeds], self.n_patches, self.k, self.device
+            )
+            ref_cls, ref_patch, _ = head_scores(ref_tokens, ref_index, self.head, p.cls_weight)
+            gen_cls, gen_patch, _ = head_scores(gen_tokens, gen_index, self.head, p.cls_weight)
+            loss = discriminator_loss(ref_cls, ref_patch, gen_cls, gen_patch, p.patch_loss_weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.head.eval()
+
+        # Reported scores are the scoring path's rewards (content-seeded patches) after the update.
+        ref_reward = self._rewards(ref_tokens, ref_seeds)
+        gen_reward = self._rewards(gen_tokens, gen_seeds)
+        correct = int((ref_reward > 0).sum()) + int((gen_reward < 0).sum())
+        return UpdateResult(
+            loss=float(loss.detach()),
+            reference_score=float(ref_reward.mean()),
+            generated_score=float(gen_reward.mean()),
+            accuracy=correct / (len(references) + len(generated)),
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        p = self.params
+        backbone = f"tiny-{p.image_size}-s{p.seed}" if p.backbone == TINY else p.backbone
+        return f"dino|{backbone}|D={self.dim}|head={p.head_hidden}|transform={p.feature_transform}"
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        # Clones: the optimizer updates these tensors in place, and an export is also a rollback
+        # snapshot taken before an update.
+        tensors = {_HEAD_PREFIX + k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        optim_tensors, groups = optimizer_state_to_tensors(self.optimizer, prefix=_OPTIM_PREFIX)
+        tensors.update({k: v.detach().clone() for k, v in optim_tensors.items()})
+        return tensors, {_OPTIM_META: groups, _FINGERPRINT_META: self.fingerprint()}
+
+    def import_state(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        fp = metadata.get(_FINGERPRINT_META)
+        if fp is not None and fp != self.fingerprint():
+            raise ValueError(f"model {self.name}: state is for {fp!r}, this model is {self.fingerprint()!r}")
+        head_sd = self.head.state_dict()
+        for key, ref in head_sd.items():
+            got = tensors.get(_HEAD_PREFIX + key)
+            if got is None or tuple(got.shape) != tuple(ref.shape):
+                shape = None if got is None else tuple(got.shape)
+                raise ValueError(
+                    f"model {self.name}: state tensor {_HEAD_PREFIX + key} is {shape}, expected {tuple(ref.shape)}"
+                )
+        with torch.no_grad():  # copy into the live parameters: the optimizer holds references to them
+            for key, param in head_sd.items():
+                param.copy_(tensors[_HEAD_PREFIX + key])
+        # Clones, so later steps never write into the caller's tensors (load_state_dict may alias
+        # them); it moves them to the parameters' device itself.
+        optim = {k: v.detach().clone() for k, v in tensors.items() if k.startswith(_OPTIM_PREFIX)}
+        if _OPTIM_META in metadata:
+            optimizer_state_from_tensors(self.optimizer, optim, metadata[_OPTIM_META], prefix=_OPTIM_PREFIX)
+        else:  # weights without optimizer state: start the moments afresh
+            self.optimizer.state.clear()
+        # The configured hyper-parameters win over saved ones (identical unless the config changed).
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.params.lr
+            group["betas"] = tuple(self.params.betas)
