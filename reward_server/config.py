@@ -134,7 +134,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dino": {
                 "kind": "dino",
                 "weight": 1.0,
-                "params": {"backbone": TINY, "image_size": 56, "head_hidden": 64, "num_patches": 8, "lr": 1e-3},
+                "params": {"backbone": TINY, "image_size": 56, "head_hidden": 64, "num_patches": 8, "lr": 3e-2},
             },
             "pickscore": {
                 "kind": "pickscore",

@@ -22,9 +22,10 @@ def kinds(seed: int, n: int):
 
 def test_discriminator_learns_references_from_generations(start_server):
     server = start_server("--preset", "tiny", "--no-http")
-    train_refs, train_gens = kinds(10, 8)
-    test_refs, test_gens = kinds(11, 6)
+    train_refs, train_gens = kinds(10, 24)
+    test_refs, test_gens = kinds(11, 12)
     with RewardClient(server.target) as client:
+        before = client.score([Group("a", test_refs, "refs"), Group("a", test_gens, "gens")], {"dino": 1.0})
         for _ in range(8):
             result = client.update_discriminator(
                 "dino", [Group("a", train_refs)], [Group("a", train_gens)], steps=5
@@ -33,8 +34,12 @@ def test_discriminator_learns_references_from_generations(start_server):
         assert result.reference_score > result.generated_score
         held_out = client.score([Group("a", test_refs, "refs"), Group("a", test_gens, "gens")], {"dino": 1.0})
     refs, gens = np.array(held_out[0].rewards), np.array(held_out[1].rewards)
+    untrained_gap = np.mean(before[0].rewards) - np.mean(before[1].rewards)
+    assert abs(untrained_gap) < 0.1  # the random head does not tell them apart
     assert refs.mean() > gens.mean() + 0.5, (refs, gens)
-    assert refs.min() > gens.max(), (refs, gens)  # every held-out reference beats every generation
+    # Pairwise: a held-out reference beats a held-out generation in most pairs (AUC).
+    auc = (refs[:, None] > gens[None, :]).mean()
+    assert auc >= 0.85, (auc, refs, gens)
 
 
 def test_same_image_same_version_same_reward(start_server):
@@ -42,10 +47,13 @@ def test_same_image_same_version_same_reward(start_server):
     refs, gens = kinds(20, 4)
     with RewardClient(server.target) as client:
         a = client.score([Group("p", refs + gens)], {"dino": 1.0, "pickscore": 1.0})[0]
-        # Other batch companions, other order: each image's reward is unchanged.
+        # The same request again: bit-identical.
+        assert client.score([Group("p", refs + gens)], {"dino": 1.0, "pickscore": 1.0})[0] == a
+        # Other batch companions, other order: the same reward (CPU GEMMs round differently with
+        # the batch size, ~1e-8, so not necessarily bit for bit).
         b = client.score([Group("p", gens[::-1] + refs[::-1] + kinds(21, 3)[1])], {"dino": 1.0, "pickscore": 1.0})[0]
-        assert b.components["dino"][:8] == a.components["dino"][::-1]
-        assert b.components["pickscore"][:8] == a.components["pickscore"][::-1]
+        assert b.components["dino"][:8] == pytest.approx(a.components["dino"][::-1], abs=1e-6)
+        assert b.components["pickscore"][:8] == pytest.approx(a.components["pickscore"][::-1], abs=1e-6)
 
 
 def test_restart_resumes_versions_and_scores(start_server, tmp_path):

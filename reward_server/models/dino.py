@@ -30,10 +30,13 @@ from .base import Image, TrainableRewardModel, UpdateResult, content_seed
 __all__ = [
     "DinoDiscriminator",
     "build_head",
+    "check_images",
+    "check_prompts",
     "discriminator_loss",
     "head_scores",
     "hinge_loss",
     "mix_seed",
+    "resolve_device",
     "sample_patch_index",
     "transform_tokens",
 ]
@@ -111,7 +114,8 @@ def head_scores(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores CLS and sampled patch tokens with the shared head.
 
-    tokens [B, 1+N, D] (already transformed), patch_index [B, K] into the N patch tokens.
+    tokens [B, 1+N, D] (already transformed), patch_index [B, K] into the N patch tokens; the
+    head's weights are head[0] (w1, b1) and head[2] (w2, b2).
     Returns cls_logit [B], patch_logit [B, K], reward [B] = w*cls + (1-w)*mean(patch).
     """
     b, _, d = tokens.shape
@@ -144,7 +148,8 @@ def discriminator_loss(
 # The model
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Resolves "auto" to cuda when available (else cpu); other names go to torch.device as they are."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -161,6 +166,7 @@ def check_images(images: Sequence[Image], field: str) -> None:
 
 
 def check_prompts(images: Sequence[Image], prompts: Sequence[str], field: str) -> None:
+    """Raises InvalidArgument unless there is exactly one prompt per image."""
     if len(prompts) != len(images):
         raise InvalidArgument(f"{field}: {len(prompts)} prompts for {len(images)} images")
 
@@ -173,7 +179,7 @@ class DinoDiscriminator(TrainableRewardModel):
     def __init__(self, name: str, params: DinoParams, device: str = "cpu"):
         super().__init__(name)
         self.params = params
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if params.backbone == TINY:
             from .tiny import tiny_dinov2
 
@@ -229,12 +235,14 @@ class DinoDiscriminator(TrainableRewardModel):
 
     @torch.no_grad()
     def _rewards(self, tokens: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """The scoring path (no grad): where a fused patch-scoring kernel plugs in for head_scores."""
         index = sample_patch_index(seeds, self.n_patches, self.k, self.device)
         return head_scores(tokens, index, self.head, self.params.cls_weight)[2]
 
     # -- RewardModel ---------------------------------------------------------------------------
 
     def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
+        # Prompts play no part: the discriminator judges the image alone.
         check_images(images, "images")
         if not images:
             return np.zeros(0, dtype=np.float32)
@@ -265,7 +273,6 @@ class DinoDiscriminator(TrainableRewardModel):
         ref_tokens, gen_tokens = self.features(references), self.features(generated)
         ref_seeds, gen_seeds = self._seeds(references), self._seeds(generated)
 
-        self.head.train()
         loss = torch.zeros(())
         for step in range(steps):
             # Fresh patches per step, yet deterministic: seeded by content, version and step.
@@ -281,7 +288,6 @@ class DinoDiscriminator(TrainableRewardModel):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        self.head.eval()
 
         # Reported scores are the scoring path's rewards (content-seeded patches) after the update.
         ref_reward = self._rewards(ref_tokens, ref_seeds)

@@ -22,7 +22,7 @@ from ..config import TINY, PickScoreParams
 from ..errors import ConfigError, FailedPrecondition, InvalidArgument
 from ..state import optimizer_state_from_tensors, optimizer_state_to_tensors
 from .base import Image, TrainableRewardModel, UpdateResult
-from .dino import _resolve_device, check_images, check_prompts
+from .dino import check_images, check_prompts, resolve_device
 
 __all__ = ["PickScoreModel", "pair_mask", "pairwise_accuracy", "pairwise_logistic_loss"]
 
@@ -72,7 +72,7 @@ class PickScoreModel(TrainableRewardModel):
     def __init__(self, name: str, params: PickScoreParams, device: str = "cpu"):
         super().__init__(name)
         self.params = params
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.trainable = bool(params.trainable)  # False: behaves as a plain RewardModel
 
         if (params.model == TINY) != (params.processor == TINY):
