@@ -104,7 +104,8 @@ class ServerSettings:
     auth_token: str | None = None  # when set, RPCs need "authorization: Bearer <token>"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     torch_threads: int = 0  # 0: torch's default
-    drain_grace_s: float = 10.0
+    drain_notice_s: float = 1.0  # NOT_SERVING is announced this long before new RPCs are refused
+    drain_grace_s: float = 10.0  # then in-flight RPCs get this long to finish
     log_level: str = "INFO"
 
 

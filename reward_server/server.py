@@ -96,7 +96,7 @@ class RewardServer:
         if self._http_state is not None:
             self._http_state.draining = True
         if self.grpc is not None:
-            await self.grpc.drain(grace)
+            await self.grpc.drain(self.config.server.drain_notice_s, grace)
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
             with contextlib.suppress(Exception):

@@ -288,3 +288,45 @@ def test_auth_token_required_except_for_health(start_server, tmp_path):
     with RewardClient(server.target, token="s3cret") as ok:
         assert [m.name for m in ok.list_models()] == ["noop"]
         assert ok.score([Group("p", [np.zeros((2, 2, 3), np.uint8)])])[0].rewards == [0.0]
+
+
+def test_sigterm_drains_not_serving_then_finishes_in_flight_streams(start_server, tmp_path):
+    import queue
+    import signal
+    import threading
+    import time
+
+    cfg = tmp_path / "drain.yaml"
+    cfg.write_text("server: {drain_notice_s: 1.5, drain_grace_s: 10}\nmodels:\n  noop: {kind: noop, weight: 1.0}\n")
+    server = start_server("--config", str(cfg), "--no-http")
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    stub = reward_pb2_grpc.RewardServiceStub(channel)
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        while (item := outbox.get()) is not None:
+            yield item
+
+    responses = stub.ScoreStream(requests(), timeout=60)
+    outbox.put(score_request(raw(2, 2)))
+    assert len(next(responses).groups) == 1
+    check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status  # noqa: E731
+    assert check() == health_pb2.HealthCheckResponse.SERVING
+
+    server.proc.send_signal(signal.SIGTERM)
+    seen, deadline = None, time.monotonic() + 5
+    while time.monotonic() < deadline:
+        seen = check()
+        if seen == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.05)
+    assert seen == health_pb2.HealthCheckResponse.NOT_SERVING
+    # The stream opened before the signal is still served during the drain.
+    time.sleep(1.6)  # past the notice: new RPCs are refused, in-flight ones continue
+    outbox.put(score_request(raw(2, 2)))
+    assert len(next(responses).groups) == 1
+    outbox.put(None)
+    assert list(responses) == []
+    assert server.proc.wait(30) == 0
+    channel.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -59,7 +61,9 @@ class GrpcFrontend:
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
 
-    async def drain(self, grace_s: float) -> None:
-        """NOT_SERVING first (load balancers stop sending), then let in-flight RPCs finish."""
+    async def drain(self, notice_s: float, grace_s: float) -> None:
+        """NOT_SERVING first, still answering for ``notice_s`` so health checkers and load
+        balancers see it; then refuse new RPCs and give in-flight ones ``grace_s`` to finish."""
         await self.set_serving(False)
+        await asyncio.sleep(notice_s)
         await self.server.stop(grace_s)
