@@ -38,6 +38,7 @@ demo: venv proto
 	$(PY) -m reward_server.demo
 
 test: venv proto sysdeps
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv proto

@@ -12,24 +12,24 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from .config import ServerConfig
 from .errors import ConfigError
 from .host import ModelHost
+from .models.base import resolve_device
 from .rpc.server import GrpcFrontend
 
 log = logging.getLogger("reward_server")
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+def check_device(device: str) -> str:
+    """The device models load on; a CUDA device on a machine without one is a config error."""
+    resolved = str(resolve_device(device))
+    if resolved.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"server.device: {device!r} requested but CUDA is not available")
-    return device
+    return resolved
 
 
 class RewardServer:
@@ -47,11 +47,9 @@ class RewardServer:
 
     async def start(self) -> None:
         settings = self.config.server
-        import torch
-
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        device = resolve_device(settings.device)
+        device = check_device(settings.device)
         t0 = time.perf_counter()
         # Loading blocks for seconds to minutes: keep it off the loop.
         self.host = await asyncio.to_thread(ModelHost.from_config, self.config, device)

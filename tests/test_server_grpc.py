@@ -13,7 +13,6 @@ from PIL import Image as PILImage
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from reward_server.client import Group, RewardClient
-from reward_server.images import encode_image
 
 from .conftest import noise_image, smooth_image
 
@@ -293,7 +292,6 @@ def test_auth_token_required_except_for_health(start_server, tmp_path):
 def test_sigterm_drains_not_serving_then_finishes_in_flight_streams(start_server, tmp_path):
     import queue
     import signal
-    import threading
     import time
 
     cfg = tmp_path / "drain.yaml"

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
+
+from ..errors import InvalidArgument
 
 Image = np.ndarray  # uint8 [H, W, 3]
 
@@ -93,3 +96,26 @@ def content_seed(image: Image, salt: int = 0) -> int:
     h.update(np.ascontiguousarray(image).tobytes())
     h.update(np.asarray(image.shape, dtype=np.int64).tobytes())
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Resolves "auto" to cuda when available (else cpu); other names go to torch.device as they are."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_images(images: Sequence[Image], field: str) -> None:
+    """Raises InvalidArgument naming the first image that is not uint8 [H, W, 3]."""
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+            raise InvalidArgument(f"{field}[{i}]: expected a uint8 [H, W, 3] image, got {desc}")
+        if img.shape[0] == 0 or img.shape[1] == 0:
+            raise InvalidArgument(f"{field}[{i}]: empty image {img.shape}")
+
+
+def check_prompts(images: Sequence[Image], prompts: Sequence[str], field: str) -> None:
+    """Raises InvalidArgument unless there is exactly one prompt per image."""
+    if len(prompts) != len(images):
+        raise InvalidArgument(f"{field}: {len(prompts)} prompts for {len(images)} images")

@@ -25,18 +25,15 @@ from torch import nn
 from ..config import TINY, DinoParams
 from ..errors import InvalidArgument
 from ..state import optimizer_state_from_tensors, optimizer_state_to_tensors
-from .base import Image, TrainableRewardModel, UpdateResult, content_seed
+from .base import Image, TrainableRewardModel, UpdateResult, check_images, check_prompts, content_seed, resolve_device
 
 __all__ = [
     "DinoDiscriminator",
     "build_head",
-    "check_images",
-    "check_prompts",
     "discriminator_loss",
     "head_scores",
     "hinge_loss",
     "mix_seed",
-    "resolve_device",
     "sample_patch_index",
     "transform_tokens",
 ]
@@ -146,29 +143,6 @@ def discriminator_loss(
 
 # --------------------------------------------------------------------------------------------
 # The model
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Resolves "auto" to cuda when available (else cpu); other names go to torch.device as they are."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def check_images(images: Sequence[Image], field: str) -> None:
-    """Raises InvalidArgument naming the first image that is not uint8 [H, W, 3]."""
-    for i, img in enumerate(images):
-        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-            desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-            raise InvalidArgument(f"{field}[{i}]: expected a uint8 [H, W, 3] image, got {desc}")
-        if img.shape[0] == 0 or img.shape[1] == 0:
-            raise InvalidArgument(f"{field}[{i}]: empty image {img.shape}")
-
-
-def check_prompts(images: Sequence[Image], prompts: Sequence[str], field: str) -> None:
-    """Raises InvalidArgument unless there is exactly one prompt per image."""
-    if len(prompts) != len(images):
-        raise InvalidArgument(f"{field}: {len(prompts)} prompts for {len(images)} images")
 
 
 class DinoDiscriminator(TrainableRewardModel):

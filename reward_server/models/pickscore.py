@@ -22,7 +22,7 @@ from ..config import TINY, PickScoreParams
 from ..errors import ConfigError, FailedPrecondition, InvalidArgument
 from ..state import optimizer_state_from_tensors, optimizer_state_to_tensors
 from .base import Image, TrainableRewardModel, UpdateResult
-from .dino import check_images, check_prompts, resolve_device
+from .base import check_images, check_prompts, resolve_device
 
 __all__ = ["PickScoreModel", "pair_mask", "pairwise_accuracy", "pairwise_logistic_loss"]
 
