@@ -1,0 +1,89 @@
+"""Typed configuration: presets, YAML merging, strict keys and types, overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from reward_server.config import PRESETS, load_config
+from reward_server.errors import ConfigError
+from reward_server.typed_config import apply_override, deep_merge, from_mapping
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    steps: int = 1
+    path: Path | None = None
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+
+
+def test_from_mapping_builds_nested_dataclasses_and_coerces():
+    cfg = from_mapping(Outer, {"steps": 3, "path": "/tmp/a", "inner": {"lr": 1, "betas": [0.9, 0.99]}, "tags": ["a"]})
+    assert cfg == Outer(steps=3, path=Path("/tmp/a"), inner=Inner(lr=1.0, betas=(0.9, 0.99)), tags=["a"])
+    assert isinstance(cfg.inner.lr, float)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"stpes": 1}, "stpes: unknown key"),
+        ({"steps": "many"}, "steps: expected an integer"),
+        ({"steps": True}, "steps: expected an integer"),
+        ({"inner": {"lr": "fast"}}, "inner.lr: expected a number"),
+        ({"inner": {"betas": [0.1]}}, "inner.betas: expected 2 values"),
+        ({"inner": 3}, "inner: expected a mapping"),
+        ({"tags": "a"}, "tags: expected a list"),
+    ],
+)
+def test_from_mapping_names_the_bad_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_mapping(Outer, data)
+
+
+def test_overrides_and_merge():
+    data = apply_override({"a": {"b": 1}}, "a.c=[1, 2]")
+    data = apply_override(data, "x.y.z=hello")
+    assert data == {"a": {"b": 1, "c": [1, 2]}, "x": {"y": {"z": "hello"}}}
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override({}, "novalue")
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
+
+
+def test_presets_load_and_yaml_merges_over_them(tmp_path):
+    for name in PRESETS:
+        assert load_config(name).models
+    f = tmp_path / "c.yaml"
+    f.write_text("server: {port: 0}\nmodels:\n  ocr: null\n  dino: {params: {num_patches: 4}}\n")
+    cfg = load_config("tiny", f)
+    assert [m.name for m in cfg.models] == ["dino", "pickscore"]
+    assert cfg.model("dino").params.num_patches == 4 and cfg.model("dino").params.backbone == "tiny"
+    assert cfg.server.port == 0 and cfg.default_weights() == {"dino": 1.0}
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("models: {x: {kind: nope}}", "models.x.kind: expected one of"),
+        ("models: {x: {kind: noop, wieght: 1}}", "models.x.wieght: unknown key"),
+        ("models: {x: {kind: noop, batching: {max_batch_size: 0}}}", "max_batch_size: must be >= 1"),
+        ("models: {}", "no models configured"),
+        ("servr: {}", "servr: unknown key"),
+        ("[1, 2]", "expected a mapping"),
+        ("a: [", "invalid YAML"),
+    ],
+)
+def test_bad_config_files_name_the_problem(tmp_path, yaml_text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, f)
