@@ -20,7 +20,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 # warning) when torchvision is missing, and torchvision must never be installed here.
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-__all__ = ["TINY_CLIP_IMAGE_SIZE", "tiny_clip", "tiny_dinov2"]
+__all__ = ["TINY_CLIP_IMAGE_SIZE", "tiny_clip", "tiny_clip_tokenizer", "tiny_dinov2"]
 
 TINY_CLIP_IMAGE_SIZE = 32
 _TEXT_MAX_LEN = 77  # CLIP's context length, kept so prompts truncate like the real model's
@@ -50,8 +50,11 @@ def tiny_dinov2(image_size: int, seed: int) -> Dinov2Model:
     return _seeded_build(seed, lambda: Dinov2Model(config))
 
 
-def _tiny_tokenizer() -> CLIPTokenizer:
-    """A real byte-level BPE CLIP tokenizer from a small vocab (every byte, alone and word-final)."""
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A real byte-level BPE CLIP tokenizer from a small vocab (every byte, alone and word-final).
+
+    Shared with the tiny SD3 pipeline (``trainer.pipeline``), whose two CLIP text encoders use it.
+    """
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in _MERGES] + [_BOS, _EOS]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
@@ -65,7 +68,7 @@ def _tiny_tokenizer() -> CLIPTokenizer:
 
 def tiny_clip(seed: int) -> tuple[CLIPModel, CLIPTokenizer, CLIPImageProcessorPil]:
     """A 2-layer CLIP (text and vision, hidden 32, 32 px images) with its tokenizer and processor."""
-    tokenizer = _tiny_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),

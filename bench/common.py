@@ -1,0 +1,186 @@
+"""Shared bench helpers: a real server process, percentiles, peak RSS, Prometheus scraping, machine info."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    """``python -m reward_server --port 0 ...`` in a child process; ports come from its ready line.
+
+    A small equivalent of tests/conftest.py's ServerProcess (bench must not import pytest fixtures).
+    The child is the server itself (no shell in between), so ``pid`` is the process to measure.
+    """
+
+    def __init__(self, args: Sequence[str], timeout_s: float = 120.0, http: bool = False):
+        http_args = ["--http-port", "0"] if http else ["--no-http"]
+        cmd = [sys.executable, "-m", "reward_server", "--port", "0", *http_args, "--log-level", "WARNING", *args]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.pid = self.proc.pid
+        self.stderr_tail: deque[str] = deque(maxlen=200)
+        threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr_tail), daemon=True).start()
+        self.info = self._wait_ready(timeout_s)
+        self.target: str = self.info["grpc"]
+        self.http: str | None = self.info.get("http")
+
+    @staticmethod
+    def _drain(stream, sink) -> None:
+        for line in stream:
+            sink.append(line)
+
+    def _wait_ready(self, timeout_s: float) -> dict:
+        result: dict = {}
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                if line.startswith("{"):
+                    result.update(json.loads(line))
+                    break
+            # Keep draining stdout so the child never blocks on a full pipe.
+            for _ in self.proc.stdout:
+                pass
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout_s
+        while not result and time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.05)
+        if not result:
+            self.kill()
+            raise RuntimeError("reward server did not become ready:\n" + "".join(self.stderr_tail))
+        return result
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``kB`` field of /proc/<pid>/status (VmHWM: peak RSS, VmRSS: current RSS), in KiB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.M)
+    if not m:
+        raise RuntimeError(f"/proc/{pid}/status has no {field}")
+    return int(m.group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
+def scrape_metrics(http: str) -> dict[str, float]:
+    """The server's /metrics as {"name{labels}": value} (no Prometheus client needed)."""
+    import httpx
+
+    text = httpx.get(f"{http}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(seconds, dtype=np.float64) * 1000.0
+    return {
+        "n": int(a.size),
+        "median_ms": round(float(np.median(a)), 2),
+        "p90_ms": round(float(np.percentile(a, 90)), 2),
+        "min_ms": round(float(a.min()), 2),
+        "mean_ms": round(float(a.mean()), 2),
+    }
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    cpuid: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("model name", "vendor_id", "cpu family", "model", "stepping") and key not in cpuid:
+                cpuid[key] = value
+            if not line.strip() and cpuid:
+                break  # the first processor's block is enough
+        cpu = cpuid.get("model name", cpu)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        torch_version = torch.__version__
+        cuda = torch.cuda.is_available()
+        torch_threads = torch.get_num_threads()
+    except Exception:  # pragma: no cover - torch is a server dependency
+        torch_version, cuda, torch_threads = "n/a", False, None
+    import grpc
+
+    mem_kib = None
+    try:
+        m = re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
+        mem_kib = int(m.group(1)) if m else None
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu,
+        "cpu_id": ", ".join(f"{k} {cpuid[k]}" for k in ("vendor_id", "cpu family", "model", "stepping") if k in cpuid),
+        "cpu_cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
+        "gpu": "cuda" if cuda else "none",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "torch_threads": torch_threads,
+        "grpcio": grpc.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (/proc/<pid>/stat): fresh pages the kernel handed out."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])

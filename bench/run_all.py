@@ -1,0 +1,138 @@
+"""Runs every reward-server benchmark, prints a markdown table, writes bench/results/reward_server.json.
+
+``make bench`` calls this. About 2-3 minutes on a 2-core CPU machine; no GPU needed. Figures in
+docs/PERFORMANCE.md are pasted from one run of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import batching, transport
+from .common import REPO, machine_info
+
+DEFAULT_OUT = REPO / "bench" / "results" / "reward_server.json"
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def table(results: dict) -> str:
+    m = results["machine"]
+    t = results["transport"]
+    d = results.get("transport_malloc_diagnostic")
+    b = results["batching"]
+    mem = b["memory"]
+    u, s, p = t["ours_unary"], t["ours_stream"], t["baseline_pickle_http_jpeg"]
+    rows = [
+        (
+            "Transport: 16x512² group, ours unary `Score` (raw RGB8)",
+            f"{u['median_ms']:.1f} / {u['p90_ms']:.1f} ms",
+            "",
+            "",
+        ),
+        ("Transport: ours `ScoreStream`, per group", f"{s['median_ms']:.1f} / {s['p90_ms']:.1f} ms", "", ""),
+        ("Transport: baseline pickle+HTTP, JPEG q75", f"{p['median_ms']:.1f} / {p['p90_ms']:.1f} ms", "", ""),
+        (
+            "Transport speedup, unary (baseline / ours, medians)",
+            f"{t['speedup_unary_median']:.2f}x",
+            f">= {t['target_speedup']:.0f}x",
+            _met(t["speedup_unary_median"] >= t["target_speedup"]),
+        ),
+        (
+            "Transport speedup, stream (baseline / ours, medians)",
+            f"{t['speedup_stream_median']:.2f}x",
+            f">= {t['target_speedup']:.0f}x",
+            _met(t["speedup_stream_median"] >= t["target_speedup"]),
+        ),
+    ]
+    if d:
+        rows.append(
+            (
+                "(diagnostic, glibc keeps freed memory) unary / stream / baseline medians",
+                f"{d['ours_unary']['median_ms']:.1f} / {d['ours_stream']['median_ms']:.1f} / "
+                f"{d['baseline_pickle_http_jpeg']['median_ms']:.1f} ms "
+                f"({d['speedup_unary_median']:.2f}x / {d['speedup_stream_median']:.2f}x)",
+                "n/a",
+                "",
+            )
+        )
+    off, on = b["batching_off"], b["batching_on"]
+    rows += [
+        (
+            "Batching off: tiny dino, 8 clients x 4 imgs 64²",
+            f"{off['images_per_s']:.0f} img/s "
+            f"(batch {off['mean_batch_images']}, {off['mean_model_ms_per_call']} ms/call)",
+            "",
+            "",
+        ),
+        (
+            "Batching on (max 32 imgs, 3 ms)",
+            f"{on['images_per_s']:.0f} img/s (batch {on['mean_batch_images']}, {on['mean_model_ms_per_call']} ms/call)",
+            "",
+            "",
+        ),
+        (
+            "Batching speedup",
+            f"{b['speedup']:.2f}x",
+            f">= {b['target_speedup']}x",
+            _met(b["speedup"] >= b["target_speedup"]),
+        ),
+        (
+            "Peak RSS, `--preset tiny` after load (VmHWM)",
+            f"{mem['peak_rss_mib']:.0f} MiB",
+            f"< {mem['target_peak_rss_mib']} MiB",
+            _met(mem["peak_rss_mib"] < mem["target_peak_rss_mib"]),
+        ),
+    ]
+    lines = [
+        f"Machine: {m['cpu_model']} ({m.get('cpu_id', '')}), {m['cpu_cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}; "
+        f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}; {m['date']}",
+        "",
+        "| Benchmark | Result (median / p90) | Target | Met |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {a} | {r} | {tg} | {ok} |" for a, r, tg, ok in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
+    p.add_argument("--no-diagnostic", action="store_true", help="skip the malloc diagnostic run of the transport bench")
+    args = p.parse_args(argv)
+
+    t0 = time.monotonic()
+    results: dict = {"machine": machine_info()}
+    print("transport ...", file=sys.stderr, flush=True)
+    results["transport"] = transport.run()
+    if not args.no_diagnostic:
+        print("transport (malloc diagnostic) ...", file=sys.stderr, flush=True)
+        results["transport_malloc_diagnostic"] = transport.run_malloc_diagnostic()
+    print("batching + memory ...", file=sys.stderr, flush=True)
+    results["batching"] = batching.run()
+    results["wall_s"] = round(time.monotonic() - t0, 1)
+    results["targets_met"] = {
+        "transport_speedup_3x_unary": results["transport"]["speedup_unary_median"] >= 3.0,
+        "transport_speedup_3x_stream": results["transport"]["speedup_stream_median"] >= 3.0,
+        "batching_speedup_1.5x": results["batching"]["speedup"] >= 1.5,
+        "tiny_preset_peak_rss_below_1.5GiB": results["batching"]["memory"]["peak_rss_mib"] < 1536,
+    }
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(
+        f"\n(full results: {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}; "
+        f"{results['wall_s']:.0f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
