@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,8 @@ def table(results: dict) -> str:
     ]
     lines = [
         f"Machine: {m['cpu_model']} ({m.get('cpu_id', '')}), {m['cpu_cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}; "
-        f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}; {m['date']}",
+        f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}; {m['date']}; "
+        f"load average before/after: {m.get('loadavg_1m_before', 0):.2f}/{m.get('loadavg_1m_after', 0):.2f}",
         "",
         "| Benchmark | Result (median / p90) | Target | Met |",
         "| --- | --- | --- | --- |",
@@ -109,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     results: dict = {"machine": machine_info()}
+    # Other processes on the machine distort every figure here: record how busy it was.
+    results["machine"]["loadavg_1m_before"] = os.getloadavg()[0]
+    if results["machine"]["loadavg_1m_before"] > 0.5:
+        print(
+            f"warning: load average {results['machine']['loadavg_1m_before']:.2f} before the run; "
+            "other work on this machine will skew the figures",
+            file=sys.stderr,
+        )
     print("transport ...", file=sys.stderr, flush=True)
     results["transport"] = transport.run()
     if not args.no_diagnostic:
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print("batching + memory ...", file=sys.stderr, flush=True)
     results["batching"] = batching.run()
     results["wall_s"] = round(time.monotonic() - t0, 1)
+    results["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
     results["targets_met"] = {
         "transport_speedup_3x_unary": results["transport"]["speedup_unary_median"] >= 3.0,
         "transport_speedup_3x_stream": results["transport"]["speedup_stream_median"] >= 3.0,

@@ -73,11 +73,17 @@ class NoopParams:
     value: float = 0.0
 
 
+@dataclass
+class BrightnessParams:
+    """Mean pixel value in [0, 1]: a dense reward for tests and sanity checks of RL."""
+
+
 KIND_PARAMS: dict[str, type] = {
     "dino": DinoParams,
     "pickscore": PickScoreParams,
     "ocr": OcrParams,
     "noop": NoopParams,
+    "brightness": BrightnessParams,
 }
 
 

@@ -229,8 +229,11 @@ class ModelHost:
                 rewards += weights[name] * np.asarray(values, dtype=np.float64)
             results.append(GroupResult(g.group_id, rewards.astype(np.float32).tolist(), components, versions))
             offset += n
-        for name in weights:
+        now = time.time()
+        for name, scored in zip(weights, per_model):
             self.metrics.images_scored.labels(name).inc(len(items))
+            mean = float(np.mean([s for s, _ in scored])) if scored else float("nan")
+            self.events.append(Event(now, "score", name, {"images": len(items), "mean": mean}))
         return results
 
     def _batch_fn(self, model: RewardModel):

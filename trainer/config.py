@@ -73,7 +73,8 @@ class RewardConfig:
     server: str = "127.0.0.1:50051"
     token: str | None = None
     weights: dict[str, float] = field(default_factory=lambda: {"dino": 1.0})
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # deadline of one reward call
+    connect_timeout_s: float = 30.0  # how long start-up waits for the server to be SERVING
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     overlap: bool = True  # stream a group to the server while the next batch samples
 

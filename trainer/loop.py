@@ -73,8 +73,9 @@ class AdvGrpoTrainer:
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.state = TrainerState(epoch=0, global_step=0)
+        self._setup_data()  # local files first: their errors need no server
         self._setup_rewards()
-        self._setup_data()
+        self._check_reference_coverage()
         self._setup_model()
         self.schedule = DiscriminatorSchedule(
             mode=cfg.adversarial.schedule if cfg.adversarial.discriminator else "off",
@@ -90,7 +91,7 @@ class AdvGrpoTrainer:
         r = self.cfg.reward
         self.client = RewardClient(r.server, token=r.token, timeout_s=r.timeout_s, encoding=r.encoding)
         try:
-            self.client.wait_ready(timeout_s=30)
+            self.client.wait_ready(timeout_s=r.connect_timeout_s)
             models = {m.name: m for m in self.client.list_models()}
         except (TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure here means "unreachable"
             raise ConfigError(f"reward.server {r.server}: reward server unreachable ({_short(exc)})") from None
@@ -119,10 +120,12 @@ class AdvGrpoTrainer:
             self.prompts = load_prompts(cfg.data.prompts)
         else:
             self.prompts = self.references.prompts
-        disc = cfg.adversarial.discriminator
-        if self.references is not None and disc and self.server_models[disc].kind == "pickscore":
-            check_coverage(self.references, self.prompts)  # pairwise loss needs each prompt's refs
         self.eval_prompts = cfg.data.eval_prompts or self.prompts[: cfg.run.eval_images]
+
+    def _check_reference_coverage(self) -> None:
+        disc = self.cfg.adversarial.discriminator
+        if self.references is not None and disc and self.server_models[disc].kind == "pickscore":
+            check_coverage(self.references, self.prompts)  # the pairwise loss needs each prompt's refs
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -147,12 +150,13 @@ class AdvGrpoTrainer:
 
     def _conditioning(self, prompts: list[str]) -> Conditioning:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
-        if todo:  # text encoders are frozen: each prompt is encoded once per run
+        for p in todo:
+            # Text encoders are frozen: each prompt is encoded once per run, alone, so its
+            # embedding never depends on which prompts it happened to be batched with.
             embeds, pooled = sd3.encode_prompts(
-                self.pipe, todo, device=self.device, max_sequence_length=self.cfg.model.max_sequence_length
+                self.pipe, [p], device=self.device, max_sequence_length=self.cfg.model.max_sequence_length
             )
-            for i, p in enumerate(todo):
-                self._cond_cache[p] = (embeds[i], pooled[i])
+            self._cond_cache[p] = (embeds[0], pooled[0])
         embeds = torch.stack([self._cond_cache[p][0] for p in prompts])
         pooled = torch.stack([self._cond_cache[p][1] for p in prompts])
         b = len(prompts)
@@ -336,7 +340,8 @@ class AdvGrpoTrainer:
                         if o.beta > 0:
                             with torch.no_grad(), sd3.lora_disabled(self.accelerator.unwrap_model(self.transformer)):
                                 ref_out = step_log_prob(self.transformer, *args, **kw)
-                            kl = kl_to_reference(out.mean, ref_out.mean, out.std)
+                            # Flow-GRPO scale: divided by std_t (not std_t*sqrt(-dt)), so its beta carries over.
+                            kl = kl_to_reference(out.mean, ref_out.mean, out.std_t)
                         loss, st = grpo_loss(out.log_prob, old_logp[mb, j], advantages[mb], o.clip_range,
                                              kl=kl, beta=o.beta)
                     self.accelerator.backward(loss / len(steps))  # accumulate over timesteps

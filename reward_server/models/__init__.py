@@ -26,4 +26,8 @@ def build_model(cfg: ModelConfig, device: str = "cpu") -> RewardModel:
         from .noop import NoopReward
 
         return NoopReward(cfg.name, cfg.params)
+    if cfg.kind == "brightness":
+        from .noop import BrightnessReward
+
+        return BrightnessReward(cfg.name, cfg.params)
     raise ValueError(f"unknown model kind {cfg.kind!r}")

@@ -1,4 +1,4 @@
-"""A model that returns a constant: isolates transport cost in benchmarks and tests."""
+"""Simple reward models: a constant (isolates transport cost) and brightness (RL sanity checks)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import NoopParams
+from ..config import BrightnessParams, NoopParams
 from .base import Image, RewardModel
 
 
@@ -19,3 +19,15 @@ class NoopReward(RewardModel):
 
     def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
         return np.full(len(images), self.value, dtype=np.float32)
+
+
+class BrightnessReward(RewardModel):
+    """Mean pixel value in [0, 1]: a simple, dense reward for tests and RL sanity checks."""
+
+    kind = "brightness"
+
+    def __init__(self, name: str, params: BrightnessParams):
+        super().__init__(name)
+
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
+        return np.array([img.mean() / 255.0 for img in images], dtype=np.float32)

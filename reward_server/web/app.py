@@ -4,14 +4,25 @@
 /readyz   readiness: models loaded and warmed up, not draining (503 otherwise).
 /metrics  Prometheus text format.
 /v1/models, /v1/score, /v1/update  JSON gateway: bodies are the proto3 JSON mapping of the gRPC
-          messages (bytes as base64), handled by the same host code as gRPC.
-/v1/stats recent updates and per-model state, for the dashboard.
-/dashboard live page.
+          messages (bytes as base64, uint64 as strings), handled by the same host code as gRPC.
+/v1/stats per-model state, discriminator update history and recent scoring activity, for the
+          dashboard.
+/dashboard (and /) the live page: one self-contained HTML file that polls /v1/stats.
+
+Auth: when the server has a token (--auth-token / $ADVGRPO_AUTH_TOKEN), the gateway routes
+(/v1/models, /v1/score, /v1/update) need ``Authorization: Bearer <token>``, like the RPCs.
+Probes (/healthz, /readyz, /metrics) stay open for orchestrators and scrapers, and so do
+/v1/stats and /dashboard: they show model names, versions and training curves, never images,
+prompts or the token, and they cannot change anything.
 """
 
 from __future__ import annotations
 
+import collections
 import hmac
+import json
+import logging
+import math
 import time
 from pathlib import Path
 
@@ -26,9 +37,15 @@ from advgrpo.reward.v1 import reward_pb2
 
 from .. import convert
 from ..errors import RewardError
-from ..host import ModelHost
+from ..host import Event, ModelHost
+
+log = logging.getLogger(__name__)
 
 _DASHBOARD = Path(__file__).with_name("dashboard.html")
+_UPDATE_FIELDS = ("version", "loss", "reference_score", "generated_score", "accuracy")
+_HISTORY_PER_MODEL = 2000  # update points kept per model for the dashboard's charts
+_ACTIVITY_WINDOW_S = 60.0
+_RECENT_EVENTS = 50
 
 
 class HttpState:
@@ -39,6 +56,7 @@ class HttpState:
 
 def build_app(host: ModelHost, state: HttpState) -> Starlette:
     settings = host.config.server
+    history = _UpdateHistory(host)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -47,21 +65,40 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
         if not settings.auth_token:
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), settings.auth_token.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.auth_token.encode())
+
+    def unauthorised() -> JSONResponse:
+        response = error(401, "missing or invalid bearer token (header 'Authorization: Bearer <token>')")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     async def parse(request: Request, message_type):
         body = await request.body()
         if len(body) > settings.max_message_bytes * 2:  # base64 inflates by 4/3
             raise _HttpError(413, f"request body of {len(body)} bytes exceeds the limit")
+        name = message_type.DESCRIPTOR.full_name
         try:
-            return json_format.Parse(body or b"{}", message_type())
-        except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
-            raise _HttpError(400, f"invalid JSON for {message_type.DESCRIPTOR.full_name}: {exc}") from None
+            data = json.loads(body) if body.strip() else {}
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise _HttpError(400, f"invalid JSON for {name}: {exc}") from None
+        if not isinstance(data, dict):
+            raise _HttpError(400, f"invalid JSON for {name}: expected an object, got {type(data).__name__}")
+        try:
+            return json_format.ParseDict(data, message_type())
+        except (json_format.ParseError, ValueError, TypeError) as exc:
+            raise _HttpError(400, f"invalid JSON for {name}: {exc}") from None
+
+    def to_json(message) -> JSONResponse:
+        return JSONResponse(
+            json_format.MessageToDict(
+                message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+        )
 
     def gateway(handler, message_type):
         async def endpoint(request: Request) -> Response:
             if not authorised(request):
-                return error(401, "missing or invalid bearer token (header 'Authorization: Bearer <token>')")
+                return unauthorised()
             try:
                 message = await parse(request, message_type)
                 response = await handler(host, message)
@@ -69,9 +106,10 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
                 return error(exc.status, str(exc))
             except RewardError as exc:
                 return error(exc.http_status, str(exc))
-            return JSONResponse(
-                json_format.MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            )
+            except Exception as exc:  # a bug: log it, answer JSON like every other error
+                log.exception("unexpected error in %s", request.url.path)
+                return error(500, f"internal error: {type(exc).__name__}: {exc}")
+            return to_json(response)
 
         return endpoint
 
@@ -88,23 +126,58 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
 
     async def models(request: Request) -> Response:
         if not authorised(request):
-            return error(401, "missing or invalid bearer token")
-        response = convert.list_models_response(host.list_models())
-        return JSONResponse(json_format.MessageToDict(response, preserving_proto_field_name=True))
+            return unauthorised()
+        return to_json(convert.list_models_response(host.list_models()))
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(
-            {
-                "time": time.time(),
-                "uptime_s": time.time() - host.started_at,
-                "ready": state.ready and not state.draining,
-                "models": [m.__dict__ for m in host.list_models()],
-                "events": [e.__dict__ for e in list(host.events)[-200:]],
-            }
-        )
+        now = time.time()
+        events = list(host.events)
+        updates = history.refresh(events)
+        registry = host.metrics.registry
+        window = [e for e in events if e.kind == "score" and now - e.time <= _ACTIVITY_WINDOW_S]
+        models_out = []
+        for m in host.list_models():
+            mine = [e for e in window if e.model == m.name]
+            images = sum(int(e.data.get("images", 0)) for e in mine)
+            means = [(e.data.get("mean"), int(e.data.get("images", 0))) for e in mine]
+            means = [(v, n) for v, n in means if isinstance(v, (int, float)) and math.isfinite(v) and n > 0]
+            last_score = max((e.time for e in events if e.kind == "score" and e.model == m.name), default=None)
+            models_out.append(
+                {
+                    **m.__dict__,
+                    "images_scored": int(registry.get_sample_value("advgrpo_images_scored_total", {"model": m.name}) or 0),
+                    "updates": int(
+                        registry.get_sample_value("advgrpo_discriminator_updates_total", {"model": m.name}) or 0
+                    ),
+                    "activity": {
+                        "window_s": _ACTIVITY_WINDOW_S,
+                        "images": images,
+                        "requests": len(mine),
+                        "mean": sum(v * n for v, n in means) / sum(n for _, n in means) if means else None,
+                        "last_score_time": last_score,
+                    },
+                    "last_update": updates[m.name][-1] if updates.get(m.name) else history.restored(m.name),
+                }
+            )
+        body = {
+            "time": now,
+            "started_at": host.started_at,
+            "uptime_s": now - host.started_at,
+            "ready": state.ready and not state.draining,
+            "status": "draining" if state.draining else ("ready" if state.ready else "starting"),
+            "auth_required": bool(settings.auth_token),
+            "models": models_out,
+            "updates": updates,
+            "events": [_event_dict(e) for e in events[-_RECENT_EVENTS:]],
+        }
+        return JSONResponse(_finite(body))
 
     async def dashboard(request: Request) -> Response:
-        return HTMLResponse(_DASHBOARD.read_text() if _DASHBOARD.exists() else "<h1>advgrpo reward server</h1>")
+        try:
+            page = _DASHBOARD.read_text(encoding="utf-8")
+        except OSError:
+            page = "<h1>advgrpo reward server</h1><p>dashboard.html is missing from this install.</p>"
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     async def score(host_, message):
         return await convert.score(host_, message)
@@ -124,6 +197,58 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
         Route("/", dashboard),
     ]
     return Starlette(routes=routes)
+
+
+class _UpdateHistory:
+    """Per-model discriminator update history, for the dashboard's charts.
+
+    The host's event deque is shared with scoring events and bounded, so under load old updates
+    fall out of it quickly. Every /v1/stats call copies the update events it has not seen yet
+    into per-model deques here, which keeps the curves as long as the dashboard (or anyone)
+    polls more often than the deque turns over.
+    """
+
+    def __init__(self, host: ModelHost):
+        self._host = host
+        self._last: Event | None = None  # newest event already copied (identity, not equality)
+        self._points: dict[str, collections.deque] = {}
+
+    def refresh(self, events: list[Event]) -> dict[str, list[dict]]:
+        fresh = []
+        for e in reversed(events):
+            if e is self._last:
+                break
+            fresh.append(e)
+        if events:
+            self._last = events[-1]
+        for e in reversed(fresh):
+            if e.kind == "update":
+                point = {"time": e.time, **{k: e.data.get(k) for k in _UPDATE_FIELDS}}
+                self._points.setdefault(e.model, collections.deque(maxlen=_HISTORY_PER_MODEL)).append(point)
+        return {name: list(points) for name, points in self._points.items()}
+
+    def restored(self, name: str) -> dict | None:
+        """The last update of a model restored from the state dir (no event for it in this process)."""
+        hosted = getattr(self._host, "_hosted", {}).get(name)
+        outcome = getattr(hosted, "last_update", None)
+        if outcome is None:
+            return None
+        return {"time": None, **{k: getattr(outcome, k) for k in _UPDATE_FIELDS}}
+
+
+def _event_dict(e: Event) -> dict:
+    return {"time": e.time, "kind": e.kind, "model": e.model, "data": dict(e.data)}
+
+
+def _finite(value):
+    """JSON has no NaN/Infinity (Starlette refuses them): non-finite floats become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class _HttpError(Exception):
