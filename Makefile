@@ -35,7 +35,7 @@ sysdeps:
 	@bash scripts/install-sysdeps.sh
 
 demo: venv proto
-	$(PY) -m reward_server.demo
+	$(PY) -m trainer.demo
 
 test: venv proto sysdeps
 	$(VENV)/bin/ruff check .

@@ -132,3 +132,24 @@ def load_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ConfigError(f"data.prompts {p}: no prompts")
     return prompts
+
+
+def write_synthetic_references(root: Path, prompts: Sequence[str], per_prompt: int = 4, size: int = 48,
+                               seed: int = 0) -> Path:
+    """A stand-in reference set for demos and tests: smooth colour gradients (the "real" look the
+    discriminator learns), saved as PNGs with a references.json in Adv-GRPO's format."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    data: dict[str, list[str]] = {}
+    for i, prompt in enumerate(prompts):
+        data[prompt] = []
+        for j in range(per_prompt):
+            c0, c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+            img = c0 * (1 - x[..., None]) + c1 * x[..., None] * (1 - y[..., None]) + c2 * y[..., None]
+            name = f"ref_{i:03d}_{j:02d}.png"
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / name)
+            data[prompt].append(name)
+    path = root / "references.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
