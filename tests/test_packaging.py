@@ -80,3 +80,21 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     assert out.returncode == 2 and "server.prot: unknown key" in out.stderr
+
+
+def test_accelerate_configs_parse_and_the_cpu_one_launches_the_trainer(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((REPO / "trainer" / "accelerate").glob("*.yaml"))
+    kinds = {p.stem: load_config_from_file(str(p)) for p in configs}
+    assert kinds["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
+    assert kinds["multi_node_zero2"].num_machines == 2
+    # The real launcher, with the CPU config, starts our entry point (it only prints the config).
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+         str(REPO / "trainer/accelerate/single_cpu.yaml"), "-m", "trainer.train", "--preset", "tiny",
+         "--set", "adversarial.discriminator=", "--set", "data.prompts=prompts.txt", "--print-config"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["model"]["pretrained"] == "tiny"
