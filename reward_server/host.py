@@ -94,6 +94,10 @@ class ModelHost:
         self.metrics = metrics or ServerMetrics()
         self.store = StateStore(config.server.state_dir) if config.server.state_dir else None
         self.events: collections.deque[Event] = collections.deque(maxlen=500)
+        # Discriminator curves for the dashboard: kept apart from the busy event stream.
+        self.update_history: dict[str, collections.deque[dict]] = {
+            m.name: collections.deque(maxlen=2000) for m in config.models
+        }
         self.started_at = time.time()
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self._hosted: dict[str, _Hosted] = {}
@@ -172,6 +176,10 @@ class ModelHost:
             )
             for name, h in self._hosted.items()
         ]
+
+    def last_update(self, name: str) -> UpdateOutcome | None:
+        """The model's last acknowledged update (also one restored from the state dir)."""
+        return self._get(name).last_update
 
     def _get(self, name: str) -> _Hosted:
         try:
@@ -331,7 +339,9 @@ class ModelHost:
             m.update_accuracy.labels(model_name).set(outcome.accuracy)
             m.reference_score.labels(model_name).set(outcome.reference_score)
             m.generated_score.labels(model_name).set(outcome.generated_score)
-            self.events.append(Event(time.time(), "update", model_name, dict(outcome.__dict__)))
+            now = time.time()
+            self.events.append(Event(now, "update", model_name, dict(outcome.__dict__)))
+            self.update_history[model_name].append({"time": now, **outcome.__dict__})
         return outcome
 
     # ------------------------------------------------------------------ decoding & lifecycle

@@ -18,7 +18,6 @@ prompts or the token, and they cannot change anything.
 
 from __future__ import annotations
 
-import collections
 import hmac
 import json
 import logging
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 
 _DASHBOARD = Path(__file__).with_name("dashboard.html")
 _UPDATE_FIELDS = ("version", "loss", "reference_score", "generated_score", "accuracy")
-_HISTORY_PER_MODEL = 2000  # update points kept per model for the dashboard's charts
 _ACTIVITY_WINDOW_S = 60.0
 _RECENT_EVENTS = 50
 
@@ -56,7 +54,6 @@ class HttpState:
 
 def build_app(host: ModelHost, state: HttpState) -> Starlette:
     settings = host.config.server
-    history = _UpdateHistory(host)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -132,8 +129,16 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
     async def stats(request: Request) -> Response:
         now = time.time()
         events = list(host.events)
-        updates = history.refresh(events)
+        updates = {
+            name: [{"time": p["time"], **{k: p[k] for k in _UPDATE_FIELDS}} for p in points]
+            for name, points in host.update_history.items()
+            if points
+        }
         registry = host.metrics.registry
+
+        def counter(sample: str, model: str) -> int:
+            return int(registry.get_sample_value(sample, {"model": model}) or 0)
+
         window = [e for e in events if e.kind == "score" and now - e.time <= _ACTIVITY_WINDOW_S]
         models_out = []
         for m in host.list_models():
@@ -145,10 +150,8 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
             models_out.append(
                 {
                     **m.__dict__,
-                    "images_scored": int(registry.get_sample_value("advgrpo_images_scored_total", {"model": m.name}) or 0),
-                    "updates": int(
-                        registry.get_sample_value("advgrpo_discriminator_updates_total", {"model": m.name}) or 0
-                    ),
+                    "images_scored": counter("advgrpo_images_scored_total", m.name),
+                    "updates": counter("advgrpo_discriminator_updates_total", m.name),
                     "activity": {
                         "window_s": _ACTIVITY_WINDOW_S,
                         "images": images,
@@ -156,7 +159,7 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
                         "mean": sum(v * n for v, n in means) / sum(n for _, n in means) if means else None,
                         "last_score_time": last_score,
                     },
-                    "last_update": updates[m.name][-1] if updates.get(m.name) else history.restored(m.name),
+                    "last_update": updates[m.name][-1] if updates.get(m.name) else _restored(host, m.name),
                 }
             )
         body = {
@@ -199,41 +202,12 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
     return Starlette(routes=routes)
 
 
-class _UpdateHistory:
-    """Per-model discriminator update history, for the dashboard's charts.
-
-    The host's event deque is shared with scoring events and bounded, so under load old updates
-    fall out of it quickly. Every /v1/stats call copies the update events it has not seen yet
-    into per-model deques here, which keeps the curves as long as the dashboard (or anyone)
-    polls more often than the deque turns over.
-    """
-
-    def __init__(self, host: ModelHost):
-        self._host = host
-        self._last: Event | None = None  # newest event already copied (identity, not equality)
-        self._points: dict[str, collections.deque] = {}
-
-    def refresh(self, events: list[Event]) -> dict[str, list[dict]]:
-        fresh = []
-        for e in reversed(events):
-            if e is self._last:
-                break
-            fresh.append(e)
-        if events:
-            self._last = events[-1]
-        for e in reversed(fresh):
-            if e.kind == "update":
-                point = {"time": e.time, **{k: e.data.get(k) for k in _UPDATE_FIELDS}}
-                self._points.setdefault(e.model, collections.deque(maxlen=_HISTORY_PER_MODEL)).append(point)
-        return {name: list(points) for name, points in self._points.items()}
-
-    def restored(self, name: str) -> dict | None:
-        """The last update of a model restored from the state dir (no event for it in this process)."""
-        hosted = getattr(self._host, "_hosted", {}).get(name)
-        outcome = getattr(hosted, "last_update", None)
-        if outcome is None:
-            return None
-        return {"time": None, **{k: getattr(outcome, k) for k in _UPDATE_FIELDS}}
+def _restored(host: ModelHost, name: str) -> dict | None:
+    """The last update of a model restored from the state dir (no history in this process)."""
+    outcome = host.last_update(name)
+    if outcome is None:
+        return None
+    return {"time": None, **{k: getattr(outcome, k) for k in _UPDATE_FIELDS}}
 
 
 def _event_dict(e: Event) -> dict:
