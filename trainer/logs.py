@@ -22,8 +22,7 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses no line
+        self._lines = JsonlWriter(self.path)  # line-buffered: a crash loses no line
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -36,7 +35,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._lines.write(record)
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time") and math.isfinite(value):
@@ -44,9 +43,24 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            self._lines.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, line-buffered."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _plain(value: Any) -> Any:

@@ -33,7 +33,7 @@ from .checkpoint import TrainerState, checkpoint_dir, latest_checkpoint, load_ch
 from .config import TrainConfig, dump_train_config
 from .ema import EMA
 from .grpo import group_advantages, grpo_loss
-from .logs import MetricsWriter, save_grid
+from .logs import JsonlWriter, MetricsWriter, save_grid
 from .references import ReferenceSet, check_coverage, load_prompts, load_reference_image, load_reference_set
 from .rewards import RewardStream
 from .sampling import Conditioning, Trajectory, sample_with_logprobs, step_log_prob
@@ -82,6 +82,7 @@ class AdvGrpoTrainer:
             ratio_k=cfg.adversarial.ratio_k,
         )
         self.metrics = MetricsWriter(self.out, tensorboard=cfg.run.tensorboard, enabled=self.is_main)
+        self.reward_log = JsonlWriter(self.out / f"rewards-rank{self.rank}.jsonl")
         if resume is not None:
             self._resume(resume)
 
@@ -222,6 +223,7 @@ class AdvGrpoTrainer:
             if cfg.run.save_every and (epoch + 1) % cfg.run.save_every == 0 or last:
                 self.save(epoch + 1)
         self.metrics.close()
+        self.reward_log.close()
         self.client.close()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -240,6 +242,12 @@ class AdvGrpoTrainer:
         components: dict[str, torch.Tensor] = {k: torch.zeros(n) for k in self.score_weights}
         versions: dict[str, int] = {}
         for idx, score in zip(self._submitted, scores, strict=True):
+            # Every reward is kept with the model versions that produced it.
+            self.reward_log.write(
+                {"epoch": epoch, "rank": self.rank, "group_id": score.group_id,
+                 "prompt": self.prompts[int(samples.prompt_ids[idx[0]])], "rewards": score.rewards,
+                 "components": score.components, "model_versions": score.model_versions}
+            )
             rewards[idx] = torch.tensor(score.rewards)
             for k, v in score.components.items():
                 components[k][idx] = torch.tensor(v)
