@@ -3,6 +3,7 @@ checkpoints resume exactly, advgrpo-generate reproduces the eval images, bad con
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -54,6 +55,11 @@ def test_tiny_preset_trains_lora_and_discriminator(start_server, references, tmp
     for key in ("reward_dino_mean", "reward_dino_std", "reference_mean", "generated_mean", "d_loss", "d_accuracy",
                 "train_clip_frac", "train_approx_kl", "time_sample_s", "time_reward_s", "time_train_s"):
         assert any(key in r for r in records.values()), key
+    # Every group's rewards are logged with the versions that produced them.
+    logged = [json.loads(line) for line in (tmp_path / "run" / "rewards-rank0.jsonl").read_text().splitlines()]
+    assert {r["epoch"] for r in logged} == {0, 1, 2, 3}
+    assert sum(len(r["rewards"]) for r in logged) == 4 * cfg.sampling.batch_size
+    assert {r["model_versions"]["dino"] for r in logged if r["epoch"] == 3} == {2}
     ckpt = tmp_path / "run" / "checkpoints" / "epoch-000004"
     assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").exists() and (ckpt / "state.json").exists()
     assert (tmp_path / "run" / "samples" / "epoch-000004.png").exists()
