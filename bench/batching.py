@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .common import ServerProcess, cpu_seconds, proc_status_kib, scrape_metrics
+from .common import ServerProcess, cpu_seconds, proc_status_kib, scrape_metrics, thread_cpu_cores, thread_cpu_seconds
 
 N_CLIENTS = 8
 GROUP_IMAGES = 4
@@ -60,13 +60,13 @@ def dino_config(enabled: bool, max_batch_size: int = 32, max_delay_ms: float = 3
     }
 
 
-def client_groups(n_clients: int, seed: int = 0) -> list[list[np.ndarray]]:
-    """One distinct group of GROUP_IMAGES uint8 images per client."""
-    rng = np.random.default_rng(seed)
-    return [
-        [rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8) for _ in range(GROUP_IMAGES)]
-        for _ in range(n_clients)
-    ]
+def fresh_groups(client: int):
+    """A client's endless supply of new groups (GROUP_IMAGES random uint8 images each): every
+    request brings images the server has not seen, as generations do, so no content-keyed cache
+    or de-duplication can flatter either mode. ~0.1 ms per group."""
+    rng = np.random.default_rng(client)
+    while True:
+        yield [rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8) for _ in range(GROUP_IMAGES)]
 
 
 def load(
@@ -76,14 +76,14 @@ def load(
     n_clients: int = N_CLIENTS,
     weights: dict[str, float] | None | list = None,
     prompt: str = 'a sign that says "hello"',
-    groups: list[list[np.ndarray]] | None = None,
+    groups: list[list[np.ndarray]] | None = None,  # one fixed group per client; default: fresh_groups
 ) -> dict:
     """n_clients threads call Score back to back; counts what completes inside the window.
 
     ``weights``: one reward spec for every client, or a list with one per client."""
     from reward_server.client import Group, RewardClient
 
-    groups = groups or client_groups(n_clients)
+    supplies = [iter(lambda g=g: g, None) for g in groups] if groups else [fresh_groups(i) for i in range(n_clients)]
     per_client = weights if isinstance(weights, list) else [weights] * n_clients
     t_start = time.monotonic()
     t_measure = t_start + warmup_s
@@ -96,17 +96,17 @@ def load(
     def worker(i: int) -> None:
         try:
             with RewardClient(target, timeout_s=60) as client:
-                group = Group(prompt, groups[i])
                 barrier.wait(30)
                 while True:
+                    images = next(supplies[i])
                     t0 = time.monotonic()
                     if t0 >= t_end:
                         return
-                    out = client.score([group], per_client[i])
+                    out = client.score([Group(prompt, images)], per_client[i])
                     t1 = time.monotonic()
-                    assert len(out[0].rewards) == len(groups[i])
+                    assert len(out[0].rewards) == len(images)
                     if t0 >= t_measure and t1 <= t_end:
-                        counts[i] += len(groups[i])
+                        counts[i] += len(images)
                         latencies[i].append(t1 - t0)
         except BaseException as exc:  # reported below; a failing bench must not pass silently
             errors.append(exc)
@@ -160,14 +160,18 @@ def run_throughput(segments: int, segment_s: float, warmup_s: float) -> dict:
                 load(servers[name].target, 0.0, warmup_s)  # warm-up, not counted
             per: dict[str, list[dict]] = {name: [] for name in modes}
             cpu = {name: [0.0, 0.0, 0.0] for name in modes}  # server cpu, client cpu, wall
-            for _ in range(segments):
+            threads: dict[str, list] = {}
+            for seg in range(segments):
                 for name in modes:
                     pid = servers[name].pid
                     s0, c0, w0 = cpu_seconds(pid), time.process_time(), time.monotonic()
+                    th0 = thread_cpu_seconds(pid)
                     per[name].append(load(servers[name].target, segment_s, 0.5))
                     cpu[name][0] += cpu_seconds(pid) - s0
                     cpu[name][1] += time.process_time() - c0
                     cpu[name][2] += time.monotonic() - w0
+                    if seg == segments - 1:  # where the server's CPU goes, by thread (last window)
+                        threads[name] = thread_cpu_cores(th0, thread_cpu_seconds(pid), time.monotonic() - w0)
             batch = {name: _batch_stats(scrape_metrics(servers[name].http), "dino") for name in modes}
         finally:
             for server in servers.values():
@@ -187,6 +191,7 @@ def run_throughput(segments: int, segment_s: float, warmup_s: float) -> dict:
             "latency_p90_ms_by_segment": [r["latency_p90_ms"] for r in segs],
             "server_cpu_cores": round(cpu[name][0] / cpu[name][2], 2),
             "client_cpu_cores": round(cpu[name][1] / cpu[name][2], 2),
+            "server_busiest_threads_cores": threads[name],
             **batch[name],  # from the server's /metrics, warm-up included
         }
     return out

@@ -184,3 +184,23 @@ def machine_info() -> dict:
 def minor_faults(pid: int) -> int:
     """Minor page faults of a process so far (/proc/<pid>/stat): fresh pages the kernel handed out."""
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of a process: {"main" or tid: seconds}. (Python 3.11 does not name
+    OS threads, so the event loop shows up as "main" and the others by id.)"""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out["main" if int(task.name) == pid else task.name] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def thread_cpu_cores(before: dict[str, float], after: dict[str, float], wall_s: float, top: int = 4) -> list:
+    """The busiest threads between two thread_cpu_seconds() readings, in cores: [[thread, cores]]."""
+    busy = {k: (v - before.get(k, 0.0)) / wall_s for k, v in after.items()}
+    return [[k, round(v, 2)] for k, v in sorted(busy.items(), key=lambda kv: -kv[1])[:top]]

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
-from .images import encode_image
+from .images import encode_image_parts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -187,11 +187,12 @@ class RewardClient:
         """One discriminator update (``steps`` optimizer steps); safe to retry (idempotency key)."""
         request = reward_pb2.UpdateDiscriminatorRequest(
             model=model,
-            references=[self._encode_group(g, i).message for i, g in enumerate(references)],
-            generated=[self._encode_group(g, i).message for i, g in enumerate(generated)],
             steps=steps,
             update_id=update_id or uuid.uuid4().hex,
         )
+        for repeated, groups in ((request.references, references), (request.generated, generated)):
+            for i, g in enumerate(groups):
+                self._encode_group(g, i).add_to(repeated)
         r = self._call(self._stub.UpdateDiscriminator, request)
         return UpdateResult(r.model, r.version, r.loss, r.reference_score, r.generated_score, r.accuracy, r.replayed)
 
@@ -213,47 +214,65 @@ class RewardClient:
         raise AssertionError("unreachable")
 
     def _encode_group(self, group: Group, index: int) -> "_Encoded":
-        images = [encode_image(img, self.encoding) for img in group.images]
-        message = reward_pb2.ImageGroup(group_id=group.group_id or str(index), prompt=group.prompt, images=images)
-        return _Encoded(index, message)
+        images = [encode_image_parts(img, self.encoding) for img in group.images]
+        return _Encoded(index, group.group_id or str(index), group.prompt, images)
 
     def _requests(self, encoded: Sequence["_Encoded"], weights) -> Iterator[tuple[reward_pb2.ScoreRequest, list]]:
-        """Packs groups into requests below the chunk budget, splitting groups that are too big."""
+        """Packs groups into requests below the chunk budget, splitting groups that are too big.
+
+        Sizes are summed from the image bytes (asking protobuf for ByteSize() walks 12 MB per
+        call), and images go straight into the request (building them apart costs a copy)."""
         request = reward_pb2.ScoreRequest(weights=weights or {})
         parts: list[tuple[int, int]] = []  # (group index, part number) per group in the request
         size = 0
         for enc in encoded:
-            for part_no, piece in enumerate(_split(enc.message, self.chunk_bytes)):
-                piece_size = piece.ByteSize()
+            for part_no, piece in enumerate(enc.split(self.chunk_bytes)):
+                piece_size = piece.nbytes()
                 if parts and size + piece_size > self.chunk_bytes:
                     yield request, parts
                     request, parts, size = reward_pb2.ScoreRequest(weights=weights or {}), [], 0
-                request.groups.append(piece)
+                piece.add_to(request.groups)
                 parts.append((enc.index, part_no))
                 size += piece_size
         if parts:
             yield request, parts
 
 
+_FIELD_OVERHEAD = 16  # bytes of tags and lengths per image / group, generously
+
+
 @dataclass
 class _Encoded:
     index: int
-    message: reward_pb2.ImageGroup
+    group_id: str
+    prompt: str
+    images: list[tuple[int, int, int, bytes]]  # (encoding, height, width, data)
 
+    def nbytes(self) -> int:
+        """An upper bound of the serialised ImageGroup's size."""
+        text = len(self.group_id.encode()) + len(self.prompt.encode()) + 2 * _FIELD_OVERHEAD
+        return text + sum(len(data) + _FIELD_OVERHEAD for *_, data in self.images)
 
-def _split(group: reward_pb2.ImageGroup, budget: int) -> list[reward_pb2.ImageGroup]:
-    if group.ByteSize() <= budget:
-        return [group]
-    pieces, current, size = [], [], 0
-    for img in group.images:
-        s = img.ByteSize() + 8
-        if current and size + s > budget:
-            pieces.append(current)
-            current, size = [], 0
-        current.append(img)
-        size += s
-    pieces.append(current)
-    return [reward_pb2.ImageGroup(group_id=group.group_id, prompt=group.prompt, images=p) for p in pieces]
+    def split(self, budget: int) -> list["_Encoded"]:
+        """Pieces of this group (same id and prompt) that each fit ``budget``, images in order."""
+        if self.nbytes() <= budget:
+            return [self]
+        pieces: list[_Encoded] = []
+        current: list[tuple[int, int, int, bytes]] = []
+        for image in self.images:
+            candidate = _Encoded(self.index, self.group_id, self.prompt, current + [image])
+            if current and candidate.nbytes() > budget:
+                pieces.append(_Encoded(self.index, self.group_id, self.prompt, current))
+                current = []
+            current.append(image)
+        pieces.append(_Encoded(self.index, self.group_id, self.prompt, current))
+        return pieces
+
+    def add_to(self, groups) -> None:
+        """Appends this group to a repeated ImageGroup field (images set in place, no extra copy)."""
+        g = groups.add(group_id=self.group_id, prompt=self.prompt)
+        for encoding, height, width, data in self.images:
+            g.images.add(encoding=encoding, height=height, width=width, data=data)
 
 
 @dataclass

@@ -40,6 +40,14 @@ class DinoParams:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.999)
     seed: int = 0  # head initialisation and the salt of the content-seeded patch sampling
+    # Backbone tokens of reference images, kept by content so repeated references skip the
+    # backbone (LRU, bounded by these bytes, held on the model's device; 0 disables it). One
+    # ViT-B/14 image at 518 px is 1370x768 float32 = 4.2 MB, so 1 GiB holds ~250 references.
+    feature_cache_bytes: int = 1 << 30
+    # A second pool for images the model scored recently (generations): the trainer scores its
+    # generations before it sends them to UpdateDiscriminator, so an update then runs no backbone
+    # at all. Separate budget, so generations never evict references. 0 disables it.
+    recent_feature_cache_bytes: int = 1 << 30
 
 
 @dataclass
@@ -141,7 +149,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dino": {
                 "kind": "dino",
                 "weight": 1.0,
-                "params": {"backbone": TINY, "image_size": 56, "head_hidden": 64, "num_patches": 8, "lr": 3e-2},
+                "params": {
+                    "backbone": TINY,
+                    "image_size": 56,
+                    "head_hidden": 64,
+                    "num_patches": 8,
+                    "lr": 3e-2,
+                    "feature_cache_bytes": 64 << 20,  # 2.1 KB per image: ~30k references
+                    "recent_feature_cache_bytes": 64 << 20,
+                },
             },
             "pickscore": {
                 "kind": "pickscore",
@@ -222,6 +238,9 @@ def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
                 raise ConfigError(f"models.{m.name}.params.num_patches: must be >= 1")
             if not 0.0 <= p.cls_weight <= 1.0:
                 raise ConfigError(f"models.{m.name}.params.cls_weight: must be in [0, 1]")
+            for key in ("feature_cache_bytes", "recent_feature_cache_bytes"):
+                if getattr(p, key) < 0:
+                    raise ConfigError(f"models.{m.name}.params.{key}: must be >= 0 (0 disables the cache)")
 
 
 def load_config(

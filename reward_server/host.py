@@ -105,7 +105,7 @@ class ModelHost:
             model = models[cfg.name]
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{cfg.name}")
             batcher = DynamicBatcher(
-                self._batch_fn(model),
+                self._batch_fn(cfg.name, model),
                 executor=executor,
                 max_batch_size=cfg.batching.max_batch_size,
                 max_delay_s=cfg.batching.max_delay_ms / 1000.0,
@@ -118,6 +118,7 @@ class ModelHost:
         for h in self._hosted.values():
             self._restore(h)
             self.metrics.model_version.labels(h.config.name).set(h.model.version)
+            self._record_stats(h.config.name, h.model)
 
     # ------------------------------------------------------------------ construction
 
@@ -133,6 +134,7 @@ class ModelHost:
         if warmup:
             for name, model in models.items():
                 model.warmup()
+                host._record_stats(name, model)
                 log.info("model %s warm-up ok (version %d)", name, model.version)
         host.metrics.ready.set(1)
         return host
@@ -244,13 +246,23 @@ class ModelHost:
             self.events.append(Event(now, "score", name, {"images": len(items), "mean": mean}))
         return results
 
-    def _batch_fn(self, model: RewardModel):
+    def _batch_fn(self, name: str, model: RewardModel):
         def run(items: list[tuple[np.ndarray, str]]) -> list[tuple[float, int]]:
-            scores = model.score([img for img, _ in items], [p for _, p in items])
+            try:
+                scores = model.score([img for img, _ in items], [p for _, p in items])
+            finally:
+                self._record_stats(name, model)
             version = model.version
             return [(float(s), version) for s in scores]
 
         return run
+
+    def _record_stats(self, name: str, model: RewardModel) -> None:
+        """Copies the model's own counters (``RewardModel.stats``) into /metrics; never fails a call."""
+        try:
+            self.metrics.record_model_stats(name, model.stats())
+        except Exception:  # metrics are not worth a failed request
+            log.exception("model %s: stats() failed", name)
 
     def _on_batch(self, name: str):
         m = self.metrics
@@ -326,6 +338,8 @@ class ModelHost:
             except BaseException:
                 model.import_state(*snapshot)  # roll back: the version did not change
                 raise
+            finally:
+                self._record_stats(model_name, model)
             model.version = version
             h.last_update_id, h.last_update = update_id, outcome
             return outcome

@@ -100,8 +100,9 @@ def to_uint8_hwc(image: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def encode_image(image: Any, encoding: str | int = "raw", jpeg_quality: int = 95) -> reward_pb2.Image:
-    """Encodes a PIL image / array / tensor as an ``Image`` message (raw RGB8 by default)."""
+def encode_image_parts(image: Any, encoding: str | int = "raw", jpeg_quality: int = 95) -> tuple[int, int, int, bytes]:
+    """(encoding, height, width, data) of a PIL image / array / tensor: the fields of an ``Image``,
+    without building the message (callers add them straight into a request, saving a copy)."""
     try:
         enc = _ENCODINGS[encoding]
     except KeyError:
@@ -109,10 +110,14 @@ def encode_image(image: Any, encoding: str | int = "raw", jpeg_quality: int = 95
     arr = to_uint8_hwc(image)
     h, w = arr.shape[:2]
     if enc == RAW:
-        data = arr.tobytes()
-    else:
-        buf = io.BytesIO()
-        kwargs = {"quality": jpeg_quality} if enc == JPEG else {"compress_level": 1}
-        PILImage.fromarray(arr).save(buf, format=_PIL_FORMATS[enc], **kwargs)
-        data = buf.getvalue()
+        return enc, h, w, arr.tobytes()
+    buf = io.BytesIO()
+    kwargs = {"quality": jpeg_quality} if enc == JPEG else {"compress_level": 1}
+    PILImage.fromarray(arr).save(buf, format=_PIL_FORMATS[enc], **kwargs)
+    return enc, h, w, buf.getvalue()
+
+
+def encode_image(image: Any, encoding: str | int = "raw", jpeg_quality: int = 95) -> reward_pb2.Image:
+    """Encodes a PIL image / array / tensor as an ``Image`` message (raw RGB8 by default)."""
+    enc, h, w, data = encode_image_parts(image, encoding, jpeg_quality)
     return reward_pb2.Image(encoding=enc, height=h, width=w, data=data)

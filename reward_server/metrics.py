@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -50,6 +53,44 @@ class ServerMetrics:
             registry=r,
         )
         self.ready = Gauge("advgrpo_ready", "1 when all models are loaded and serving", registry=r)
+        # Mirrors of RewardModel.stats() (see record_model_stats): {stat key: metric}.
+        self.model_counters = {
+            "feature_cache_hits": Counter(
+                "advgrpo_feature_cache_hits", "Feature-cache lookups that skipped the backbone", ["model"], registry=r
+            ),
+            "feature_cache_misses": Counter(
+                "advgrpo_feature_cache_misses", "Feature-cache lookups that ran the backbone", ["model"], registry=r
+            ),
+            "feature_cache_evictions": Counter(
+                "advgrpo_feature_cache_evictions", "Feature-cache entries evicted to make room", ["model"], registry=r
+            ),
+        }
+        self.model_gauges = {
+            "feature_cache_bytes": Gauge(
+                "advgrpo_feature_cache_bytes", "Bytes of tensors held by the feature cache", ["model"], registry=r
+            ),
+            "feature_cache_entries": Gauge(
+                "advgrpo_feature_cache_entries", "Images held by the feature cache", ["model"], registry=r
+            ),
+        }
+        self._stat_totals: dict[tuple[str, str], float] = {}
+        self._stat_lock = threading.Lock()
+
+    def record_model_stats(self, model: str, stats: Mapping[str, float]) -> None:
+        """Copies a model's ``stats()`` into the metrics; keys without a metric are ignored.
+
+        Counter stats are totals kept by the model: each call adds the rise since the last one
+        (a total that fell, e.g. a rebuilt model, counts from zero again).
+        """
+        with self._stat_lock:  # models report from their own threads
+            for key, value in stats.items():
+                if key in self.model_counters:
+                    last = self._stat_totals.get((model, key), 0.0)
+                    delta = value - last if value >= last else value
+                    self._stat_totals[(model, key)] = value
+                    self.model_counters[key].labels(model).inc(delta)
+                elif key in self.model_gauges:
+                    self.model_gauges[key].labels(model).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reward_server.client import Group, RetryPolicy, RewardClient, _split
+from reward_server.client import Group, RetryPolicy, RewardClient
 from reward_server.images import decode_image, encode_image, to_uint8_hwc
 
 from .conftest import REPO
@@ -78,10 +78,15 @@ def test_encode_accepts_pil_arrays_and_tensors_and_round_trips():
 def test_split_keeps_every_piece_under_budget_and_in_order():
     from advgrpo.reward.v1 import reward_pb2
 
-    images = [encode_image(np.full((10, 10, 3), i, np.uint8)) for i in range(7)]  # ~300 B each
-    group = reward_pb2.ImageGroup(group_id="g", prompt="p", images=images)
-    pieces = _split(group, 1000)
+    client = RewardClient("127.0.0.1:1")
+    images = [np.full((10, 10, 3), i, np.uint8) for i in range(7)]  # 300 B each raw
+    encoded = client._encode_group(Group("p", images, "g"), 0)
+    pieces = encoded.split(1000)
     assert len(pieces) > 1
-    assert all(p.ByteSize() <= 1000 for p in pieces)
-    assert [img.data[0] for p in pieces for img in p.images] == list(range(7))
-    assert all(p.group_id == "g" and p.prompt == "p" for p in pieces)
+    for piece in pieces:
+        msg = reward_pb2.ScoreRequest()
+        piece.add_to(msg.groups)
+        assert msg.groups[0].ByteSize() <= piece.nbytes() <= 1000  # the estimate is an upper bound
+        assert msg.groups[0].group_id == "g" and msg.groups[0].prompt == "p"
+    assert [data[0] for p in pieces for *_, data in p.images] == list(range(7))
+    client.close()

@@ -58,6 +58,15 @@ class RewardModel(abc.ABC):
     def close(self) -> None:
         """Releases resources (threads, sessions)."""
 
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for /metrics, e.g. ``feature_cache_hits`` (see ServerMetrics).
+
+        Counters are totals since the model was built. The host reads this after every model
+        call, possibly from another thread than the model's: implementations must be cheap and
+        safe to call concurrently with the model's work.
+        """
+        return {}
+
 
 class TrainableRewardModel(RewardModel):
     trainable = True
@@ -90,12 +99,21 @@ class TrainableRewardModel(RewardModel):
         return self.kind
 
 
+def content_digest(image: Image, salt: int = 0, digest_size: int = 16) -> bytes:
+    """blake2b (keyed by ``salt``) of an image's pixels in C order and its shape.
+
+    Identifies content: a copy in another memory layout has the same digest. 16 bytes (the
+    default) name an image in a cache; ``content_seed`` takes 8.
+    """
+    h = hashlib.blake2b(digest_size=digest_size, key=salt.to_bytes(8, "little", signed=True))
+    h.update(np.ascontiguousarray(image).data)  # the buffer itself: no copy of the pixels
+    h.update(np.asarray(image.shape, dtype=np.int64).tobytes())
+    return h.digest()
+
+
 def content_seed(image: Image, salt: int = 0) -> int:
     """A 63-bit seed from the image's pixels: the same image always samples the same patches."""
-    h = hashlib.blake2b(digest_size=8, key=salt.to_bytes(8, "little", signed=True))
-    h.update(np.ascontiguousarray(image).tobytes())
-    h.update(np.asarray(image.shape, dtype=np.int64).tobytes())
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+    return int.from_bytes(content_digest(image, salt, digest_size=8), "little") & ((1 << 63) - 1)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
