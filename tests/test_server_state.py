@@ -124,3 +124,22 @@ def test_state_of_another_model_is_refused_with_a_clear_error(start_server, tmp_
     )
     assert out.returncode == 2
     assert "dino.safetensors" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_dino_runs_through_the_triton_kernels_and_matches_the_reference_path(start_server):
+    """With TRITON_INTERPRET=1 the server's dino scores and trains through the Triton kernels
+    (as it does on CUDA); without it, through their PyTorch references. Same results."""
+    refs, gens = kinds(60, 4)
+    probe = [Group("p", kinds(61, 3)[0] + kinds(61, 3)[1])]
+    results = []
+    for env in ({"TRITON_INTERPRET": "1"}, {"TRITON_INTERPRET": "0"}):
+        server = start_server("--preset", "tiny", "--no-http", env=env)
+        with RewardClient(server.target) as client:
+            update = client.update_discriminator("dino", [Group("a", refs)], [Group("a", gens)], steps=3)
+            scores = client.score(probe, {"dino": 1.0})[0].rewards
+        results.append((update, scores))
+        server.stop()
+    (triton_update, triton_scores), (torch_update, torch_scores) = results
+    assert triton_update.loss == pytest.approx(torch_update.loss, abs=1e-5)
+    assert triton_update.reference_score == pytest.approx(torch_update.reference_score, abs=1e-5)
+    assert triton_scores == pytest.approx(torch_scores, abs=1e-5)

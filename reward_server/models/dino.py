@@ -38,6 +38,8 @@ from torch import nn
 from ..config import TINY, DinoParams
 from ..errors import InvalidArgument
 from ..state import optimizer_state_from_tensors, optimizer_state_to_tensors
+from kernels import patch_hinge_loss, patch_score
+
 from ..feature_cache import FeatureCache
 from .base import (
     Image,
@@ -270,9 +272,14 @@ class DinoDiscriminator(TrainableRewardModel):
 
     @torch.no_grad()
     def _rewards(self, tokens: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        """The scoring path (no grad): where a fused patch-scoring kernel plugs in for head_scores."""
+        """The scoring path (no grad), through the fused kernel (``kernels`` dispatches: Triton on
+        CUDA, the PyTorch reference on CPU)."""
         index = sample_patch_index(seeds, self.n_patches, self.k, self.device)
-        return head_scores(tokens, index, self.head, self.params.cls_weight)[2]
+        return patch_score(tokens, index, *self._head_weights(), cls_weight=self.params.cls_weight)[2]
+
+    def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        first, last = self.head[0], self.head[2]
+        return first.weight, first.bias, last.weight, last.bias
 
     # -- RewardModel ---------------------------------------------------------------------------
 
@@ -309,18 +316,17 @@ class DinoDiscriminator(TrainableRewardModel):
         ref_tokens, gen_tokens = self.features(references, insert="reference"), self.features(generated)
         ref_seeds, gen_seeds = self._seeds(references), self._seeds(generated)
 
+        # One batch for the fused loss: references (+1) then generations (-1).
+        tokens = torch.cat([ref_tokens, gen_tokens])
+        target = torch.cat([torch.ones(len(references)), -torch.ones(len(generated))]).to(self.device)
+        seeds = ref_seeds + gen_seeds
         loss = torch.zeros(())
         for step in range(steps):
             # Fresh patches per step, yet deterministic: seeded by content, version and step.
-            ref_index = sample_patch_index(
-                [mix_seed(s, self.version, step) for s in ref_seeds], self.n_patches, self.k, self.device
-            )
-            gen_index = sample_patch_index(
-                [mix_seed(s, self.version, step) for s in gen_seeds], self.n_patches, self.k, self.device
-            )
-            ref_cls, ref_patch, _ = head_scores(ref_tokens, ref_index, self.head, p.cls_weight)
-            gen_cls, gen_patch, _ = head_scores(gen_tokens, gen_index, self.head, p.cls_weight)
-            loss = discriminator_loss(ref_cls, ref_patch, gen_cls, gen_patch, p.patch_loss_weight)
+            index = sample_patch_index([mix_seed(s, self.version, step) for s in seeds], self.n_patches, self.k,
+                                       self.device)
+            loss = patch_hinge_loss(tokens, index, target, *self._head_weights(),
+                                    patch_loss_weight=p.patch_loss_weight)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
