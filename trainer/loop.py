@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class AdvGrpoTrainer:
             ratio_k=cfg.adversarial.ratio_k,
         )
         self.metrics = MetricsWriter(self.out, tensorboard=cfg.run.tensorboard, enabled=self.is_main)
+        self._ref_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-scoring")
         self.reward_log = JsonlWriter(self.out / f"rewards-rank{self.rank}.jsonl")
         if resume is not None:
             self._resume(resume)
@@ -224,12 +226,15 @@ class AdvGrpoTrainer:
                 self.save(epoch + 1)
         self.metrics.close()
         self.reward_log.close()
+        self._ref_pool.shutdown()
         self.client.close()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
         disc = cfg.adversarial.discriminator
         t0 = time.perf_counter()
+        # The epoch's references depend only on its prompts: score them while the batches sample.
+        refs_future = self._ref_pool.submit(self._score_references, epoch) if disc else None
         stream = RewardStream(self.client, self.score_weights, overlap=cfg.reward.overlap)
         self._submitted: list[list[int]] = []
         samples = self.sample_epoch(epoch, stream)
@@ -254,7 +259,7 @@ class AdvGrpoTrainer:
             for k, v in score.model_versions.items():
                 versions[k] = max(versions.get(k, 0), v)
         metrics: dict[str, Any] = {"epoch": epoch}
-        ref_groups, ref_mean = self._score_references(epoch, samples) if disc else ([], None)
+        ref_groups, ref_mean = refs_future.result() if refs_future is not None else ([], None)
         t_reward = time.perf_counter() - t1 + (stream.wait_s if not cfg.reward.overlap else 0.0)
 
         all_rewards = self.accelerator.gather(rewards.to(self.device)).cpu()
@@ -286,12 +291,12 @@ class AdvGrpoTrainer:
         self.metrics.write(self.state.global_step, metrics)
         return metrics
 
-    def _score_references(self, epoch: int, samples: EpochSamples) -> tuple[list[Group], float | None]:
+    def _score_references(self, epoch: int) -> tuple[list[Group], float | None]:
         """This epoch's references (the epoch's prompts first), scored by the discriminator."""
         if self.references is None:
             return [], None
         rng = random.Random(derived_seed(self.cfg.run.seed, epoch, "references"))
-        prompts = [self.prompts[i] for i in dict.fromkeys(samples.prompt_ids.tolist())]
+        prompts = [self.prompts[i] for i in dict.fromkeys(self.epoch_prompt_ids(epoch))]
         chosen = self.references.pick(prompts, self.cfg.adversarial.references_per_update, rng)
         res = self.cfg.model.resolution
         groups = [Group(p, [load_reference_image(path, res) for path in paths], f"ref-{i}")
