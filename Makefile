@@ -44,8 +44,12 @@ test: venv proto sysdeps
 test-fast: venv proto
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Reward server, feature cache and trainer on this machine; the kernel benchmark needs a CUDA GPU.
 bench: venv proto
 	$(PY) -m bench.run_all
+	$(PY) -m bench.feature_cache
+	$(PY) -m bench.trainer_overlap
+	@echo "GPU kernel benchmark (needs CUDA): $(PY) -m bench.kernels"
 
 clean:
 	rm -rf $(VENV) protos/advgrpo/reward/v1/*_pb2*.py protos/advgrpo/reward/v1/*_pb2*.pyi

@@ -24,6 +24,7 @@ Run: ``python -m bench.batching``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import tempfile
@@ -76,14 +77,14 @@ def load(
     n_clients: int = N_CLIENTS,
     weights: dict[str, float] | None | list = None,
     prompt: str = 'a sign that says "hello"',
-    groups: list[list[np.ndarray]] | None = None,  # one fixed group per client; default: fresh_groups
+    supply=None,  # client index -> iterator of groups; default: fresh_groups
 ) -> dict:
     """n_clients threads call Score back to back; counts what completes inside the window.
 
     ``weights``: one reward spec for every client, or a list with one per client."""
     from reward_server.client import Group, RewardClient
 
-    supplies = [iter(lambda g=g: g, None) for g in groups] if groups else [fresh_groups(i) for i in range(n_clients)]
+    supplies = [(supply or fresh_groups)(i) for i in range(n_clients)]
     per_client = weights if isinstance(weights, list) else [weights] * n_clients
     t_start = time.monotonic()
     t_measure = t_start + warmup_s
@@ -210,6 +211,16 @@ def run_memory(duration_s: float, updates: int = 4) -> dict:
     weights = [all_three] * 2 + [two] * (N_CLIENTS - 2)
     # 256 px photo-like images: realistic enough for OCR and CLIP preprocessing, small enough for 2 cores.
     groups = [photo_like_images(GROUP_IMAGES, 256, seed=i) for i in range(N_CLIENTS)]
+
+    def varied(client: int):
+        """The client's group, shifted and stamped anew for every request: new content each time
+        (as generations are), so the DINO feature cache fills up the way it would in training."""
+        for n in itertools.count(1):
+            images = [np.roll(img, n % 256, axis=1) for img in groups[client]]
+            for img in images:
+                img[0, 0, :] = np.frombuffer(n.to_bytes(3, "little"), dtype=np.uint8)
+            yield images
+
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as state:
         server = ServerProcess(["--preset", "tiny", "--state-dir", state], http=True)
         try:
@@ -236,21 +247,27 @@ def run_memory(duration_s: float, updates: int = 4) -> dict:
 
             t = threading.Thread(target=updater, daemon=True)
             t.start()
-            result = load(server.target, duration_s, 1.0, weights=weights, groups=groups)
+            result = load(server.target, duration_s, 1.0, weights=weights, supply=varied)
             stop.set()
             t.join(60)
             if update_errors:
                 raise RuntimeError(f"discriminator update failed: {update_errors[0]!r}")
             hwm = proc_status_kib(server.pid, "VmHWM")
             rss = proc_status_kib(server.pid, "VmRSS")
+            metrics = scrape_metrics(server.http)
+            cache = {
+                key: metrics.get(f'advgrpo_feature_cache_{key}{{model="dino"}}')
+                for key in ("entries", "bytes", "hits_total", "misses_total")
+            }
         finally:
             server.stop()
     return {
         "preset": "tiny (dino + pickscore + ocr), batching as configured",
-        "load": f"{N_CLIENTS} clients x groups of {GROUP_IMAGES} 256x256 images for {duration_s:.0f} s "
+        "load": f"{N_CLIENTS} clients x groups of {GROUP_IMAGES} new 256x256 images for {duration_s:.0f} s "
         f"(2 with dino+pickscore+ocr, {N_CLIENTS - 2} with dino+pickscore) + {updates} rounds of "
         "discriminator updates (dino, pickscore; 2 steps each)",
         "scored_images": result["images"],
+        "dino_feature_cache": cache,  # None where the server has no such metric
         "rss_after_start_mib": round(rss_idle_kib / 1024, 1),
         "rss_after_load_mib": round(rss / 1024, 1),
         "peak_rss_mib": round(hwm / 1024, 1),

@@ -110,7 +110,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
     server = ServerProcess(["--preset", "noop"])
     base = BaselineProcess()
     try:
-        client = RewardClient(server.target, timeout_s=60)
+        client = RewardClient(server.target, timeout_s=60, keep_freed_memory=True)  # as the trainer does
         client.wait_ready(30)
         # Flow-GRPO's client uses requests.Session; httpx.Client (a declared dependency) is the same
         # thing here: a synchronous client that keeps the connection alive between calls.

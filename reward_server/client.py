@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -85,7 +86,14 @@ class RewardClient:
         max_message_bytes: int = 64 * 1024 * 1024,
         encoding: str = "raw",
         retry: RetryPolicy | None = None,
+        keep_freed_memory: bool = False,
     ):
+        """``keep_freed_memory``: tune this process's glibc allocator to keep freed buffers (see
+        reward_server.allocator); it makes raw image transfers much cheaper, process-wide."""
+        if keep_freed_memory:
+            from .allocator import keep_freed_memory as _keep
+
+            _keep()
         self.target = target
         self.timeout_s = timeout_s
         self.encoding = encoding
@@ -101,6 +109,17 @@ class RewardClient:
             ],
         )
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+        # Score and ScoreStream carry the images: their requests are written straight to the wire
+        # format (one copy of the pixels, see _ScoreBatch); everything else uses protobuf as is.
+        service = "/" + reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+        self._score = self._channel.unary_unary(
+            f"{service}/Score", request_serializer=_ScoreBatch.serialize,
+            response_deserializer=reward_pb2.ScoreResponse.FromString,
+        )
+        self._score_stream = self._channel.stream_stream(
+            f"{service}/ScoreStream", request_serializer=_ScoreBatch.serialize,
+            response_deserializer=reward_pb2.ScoreResponse.FromString,
+        )
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ------------------------------------------------------------------ lifecycle
@@ -143,7 +162,7 @@ class RewardClient:
         encoded = [self._encode_group(g, i) for i, g in enumerate(groups)]
         results: list[_Part] = []
         for request, parts in self._requests(encoded, weights):
-            response = self._call(self._stub.Score, request)
+            response = self._call(self._score, request)
             results.extend(_collect(response, parts))
         merged = _merge_parts(results)
         if len(merged) != len(groups):
@@ -167,7 +186,7 @@ class RewardClient:
                     yield request
 
         pending: list[_Part] = []
-        for response in self._stub.ScoreStream(requests(), metadata=self._metadata, timeout=None):
+        for response in self._score_stream(requests(), metadata=self._metadata, timeout=None):
             for part in _collect(response, parts_fifo.pop(0)):
                 if pending and part.index != pending[0].index:
                     yield _merge_parts(pending)[0]
@@ -217,25 +236,80 @@ class RewardClient:
         images = [encode_image_parts(img, self.encoding) for img in group.images]
         return _Encoded(index, group.group_id or str(index), group.prompt, images)
 
-    def _requests(self, encoded: Sequence["_Encoded"], weights) -> Iterator[tuple[reward_pb2.ScoreRequest, list]]:
+    def _requests(self, encoded: Sequence["_Encoded"], weights) -> Iterator[tuple["_ScoreBatch", list]]:
         """Packs groups into requests below the chunk budget, splitting groups that are too big.
-
-        Sizes are summed from the image bytes (asking protobuf for ByteSize() walks 12 MB per
-        call), and images go straight into the request (building them apart costs a copy)."""
-        request = reward_pb2.ScoreRequest(weights=weights or {})
+        Sizes are summed from the image bytes (protobuf's ByteSize() walks 12 MB per call)."""
+        batch = _ScoreBatch([], dict(weights or {}))
         parts: list[tuple[int, int]] = []  # (group index, part number) per group in the request
         size = 0
         for enc in encoded:
             for part_no, piece in enumerate(enc.split(self.chunk_bytes)):
                 piece_size = piece.nbytes()
                 if parts and size + piece_size > self.chunk_bytes:
-                    yield request, parts
-                    request, parts, size = reward_pb2.ScoreRequest(weights=weights or {}), [], 0
-                piece.add_to(request.groups)
+                    yield batch, parts
+                    batch, parts, size = _ScoreBatch([], dict(weights or {})), [], 0
+                batch.groups.append(piece)
                 parts.append((enc.index, part_no))
                 size += piece_size
         if parts:
-            yield request, parts
+            yield batch, parts
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _len_field(field: int, payload_len: int) -> bytes:
+    return _varint((field << 3) | 2) + _varint(payload_len)
+
+
+@dataclass
+class _ScoreBatch:
+    """A ScoreRequest as encoded groups, serialised by hand in protobuf's wire format.
+
+    Building a ScoreRequest message copies every image into it and SerializeToString copies it
+    again; here the image bytes are copied once, by bytes.join. The result parses as the same
+    ScoreRequest (tests/test_client.py checks it against protobuf).
+    """
+
+    groups: list["_Encoded"]
+    weights: dict[str, float]
+
+    def serialize(self) -> bytes:
+        chunks: list[bytes] = []
+        for g in self.groups:
+            head = b""
+            if g.group_id:
+                gid = g.group_id.encode()
+                head += _len_field(1, len(gid)) + gid
+            if g.prompt:
+                prompt = g.prompt.encode()
+                head += _len_field(2, len(prompt)) + prompt
+            body: list[bytes] = [head]
+            for encoding, height, width, data in g.images:
+                fields = b"".join(
+                    _varint(tag) + _varint(value)
+                    for tag, value in ((0x08, encoding), (0x10, height), (0x18, width))
+                    if value  # proto3 leaves zero scalars out
+                )
+                fields += _len_field(4, len(data)) if data else b""
+                body += [_len_field(3, len(fields) + len(data)), fields, data]
+            group_len = sum(len(b) for b in body)
+            chunks.append(_len_field(1, group_len))
+            chunks.extend(body)
+        for key, value in self.weights.items():
+            k = key.encode()
+            entry = _len_field(1, len(k)) + k + b"\x15" + struct.pack("<f", value)
+            chunks.append(_len_field(2, len(entry)) + entry)
+        return b"".join(chunks)
 
 
 _FIELD_OVERHEAD = 16  # bytes of tags and lengths per image / group, generously

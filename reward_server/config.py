@@ -118,6 +118,7 @@ class ServerSettings:
     auth_token: str | None = None  # when set, RPCs need "authorization: Bearer <token>"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     torch_threads: int = 0  # 0: torch's default
+    keep_freed_memory: bool = True  # glibc keeps freed buffers warm (reward_server/allocator.py)
     drain_notice_s: float = 1.0  # NOT_SERVING is announced this long before new RPCs are refused
     drain_grace_s: float = 10.0  # then in-flight RPCs get this long to finish
     log_level: str = "INFO"
@@ -175,7 +176,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     # A no-op model only: measures transport.
-    "noop": {"models": {"noop": {"kind": "noop", "weight": 1.0}}},
+    # Nothing to gain from batching a constant: no delay waiting for company.
+    "noop": {"models": {"noop": {"kind": "noop", "weight": 1.0, "batching": {"max_delay_ms": 0}}}},
 }
 
 

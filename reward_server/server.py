@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from .allocator import keep_freed_memory
 from .config import ServerConfig
 from .errors import ConfigError
 from .host import ModelHost
@@ -47,6 +48,8 @@ class RewardServer:
 
     async def start(self) -> None:
         settings = self.config.server
+        if settings.keep_freed_memory:
+            keep_freed_memory()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = check_device(settings.device)

@@ -90,3 +90,24 @@ def test_split_keeps_every_piece_under_budget_and_in_order():
         assert msg.groups[0].group_id == "g" and msg.groups[0].prompt == "p"
     assert [data[0] for p in pieces for *_, data in p.images] == list(range(7))
     client.close()
+
+
+def test_hand_written_wire_format_parses_as_the_same_score_request():
+    from advgrpo.reward.v1 import reward_pb2
+    from reward_server.client import _ScoreBatch
+
+    client = RewardClient("127.0.0.1:1")
+    rng = np.random.default_rng(1)
+    groups = [
+        client._encode_group(Group("a “quoted” prompt", [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)] * 2, "g0"), 0),
+        client._encode_group(Group("", [np.zeros((300, 1, 3), np.uint8)]), 1),  # empty prompt, long varints
+    ]
+    png = RewardClient("127.0.0.1:1", encoding="png")._encode_group(Group("p", [np.ones((3, 3, 3), np.uint8)]), 2)
+    batch = _ScoreBatch(groups + [png], {"dino": 0.5, "ocr": 0.0, "pickscore": -2.25})
+    expected = reward_pb2.ScoreRequest(weights=batch.weights)
+    for g in batch.groups:
+        g.add_to(expected.groups)
+    parsed = reward_pb2.ScoreRequest.FromString(batch.serialize())
+    assert parsed == expected
+    assert _ScoreBatch([], {}).serialize() == b""
+    client.close()

@@ -77,6 +77,7 @@ class RewardConfig:
     connect_timeout_s: float = 30.0  # how long start-up waits for the server to be SERVING
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     overlap: bool = True  # stream a group to the server while the next batch samples
+    keep_freed_memory: bool = True  # glibc keeps freed buffers: cheaper raw image transfers
 
 
 @dataclass
