@@ -156,7 +156,7 @@ def run_throughput(segments: int, segment_s: float, warmup_s: float) -> dict:
             for name, enabled in modes.items():
                 cfg = Path(tmp) / f"dino-{name}.yaml"
                 cfg.write_text(yaml.safe_dump(dino_config(enabled)))
-                servers[name] = ServerProcess(["--config", str(cfg)], http=True)
+                servers[name] = ServerProcess(["--config", str(cfg)], log_level="WARNING")
             for name in modes:
                 load(servers[name].target, 0.0, warmup_s)  # warm-up, not counted
             per: dict[str, list[dict]] = {name: [] for name in modes}
@@ -222,7 +222,7 @@ def run_memory(duration_s: float, updates: int = 4) -> dict:
             yield images
 
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as state:
-        server = ServerProcess(["--preset", "tiny", "--state-dir", state], http=True)
+        server = ServerProcess(["--preset", "tiny", "--state-dir", state], log_level="WARNING")
         try:
             rss_idle_kib = proc_status_kib(server.pid, "VmRSS")
             stop = threading.Event()

@@ -3,94 +3,19 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections import deque
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from reward_server.process import ServerProcess
+
 REPO = Path(__file__).resolve().parents[1]
 
-
-class ServerProcess:
-    """``python -m reward_server --port 0 ...`` in a child process; ports come from its ready line.
-
-    A small equivalent of tests/conftest.py's ServerProcess (bench must not import pytest fixtures).
-    The child is the server itself (no shell in between), so ``pid`` is the process to measure.
-    """
-
-    def __init__(self, args: Sequence[str], timeout_s: float = 120.0, http: bool = False):
-        http_args = ["--http-port", "0"] if http else ["--no-http"]
-        cmd = [sys.executable, "-m", "reward_server", "--port", "0", *http_args, "--log-level", "WARNING", *args]
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.pid = self.proc.pid
-        self.stderr_tail: deque[str] = deque(maxlen=200)
-        threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr_tail), daemon=True).start()
-        self.info = self._wait_ready(timeout_s)
-        self.target: str = self.info["grpc"]
-        self.http: str | None = self.info.get("http")
-
-    @staticmethod
-    def _drain(stream, sink) -> None:
-        for line in stream:
-            sink.append(line)
-
-    def _wait_ready(self, timeout_s: float) -> dict:
-        result: dict = {}
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                if line.startswith("{"):
-                    result.update(json.loads(line))
-                    break
-            # Keep draining stdout so the child never blocks on a full pipe.
-            for _ in self.proc.stdout:
-                pass
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        deadline = time.monotonic() + timeout_s
-        while not result and time.monotonic() < deadline and self.proc.poll() is None:
-            time.sleep(0.05)
-        if not result:
-            self.kill()
-            raise RuntimeError("reward server did not become ready:\n" + "".join(self.stderr_tail))
-        return result
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+__all__ = ["ServerProcess"]  # re-exported for the benchmarks
 
 
 def proc_status_kib(pid: int, field: str) -> int:

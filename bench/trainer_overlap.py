@@ -325,7 +325,7 @@ def run(
         prompts.write_text("\n".join(PROMPTS) + "\n")
         cfg = tmp / "server.yaml"
         cfg.write_text(yaml.safe_dump(server_config(image_size)))
-        server = ServerProcess(["--config", str(cfg)], http=True)
+        server = ServerProcess(["--config", str(cfg)], log_level="WARNING")
         try:
             if server_cpus:
                 pin_process(server.pid, server_cpus)

@@ -107,7 +107,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
     prompts = [PROMPT] * len(images)
     group = Group(PROMPT, images)
 
-    server = ServerProcess(["--preset", "noop"])
+    server = ServerProcess(["--preset", "noop"], http=False, log_level="WARNING")
     base = BaselineProcess()
     try:
         client = RewardClient(server.target, timeout_s=60, keep_freed_memory=True)  # as the trainer does

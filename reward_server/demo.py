@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .client import Group, RewardClient
+from .process import ServerProcess
 
 
 def text_image(text: str, size: int = 256) -> np.ndarray:
@@ -39,21 +39,15 @@ def main() -> int:
     log_path = out_dir / "server.log"
     state_dir = out_dir / "state"
     shutil.rmtree(state_dir, ignore_errors=True)  # every demo starts the discriminator from version 0
-    cmd = [sys.executable, "-m", "reward_server", "--preset", "tiny", "--port", "0", "--http-port", "0",
-           "--state-dir", str(state_dir)]
-    print("starting:", " ".join(cmd[1:]))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            ready = json.loads(proc.stdout.readline() or "{}")
-            if "grpc" not in ready:
-                print(f"server failed to start; see {log_path}", file=sys.stderr)
-                return 1
-            print(f"reward server ready: gRPC {ready['grpc']}, dashboard {ready['http']}/dashboard")
-            run_demo(ready["grpc"], out_dir)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    print("starting: python -m reward_server --preset tiny")
+    try:
+        server = ServerProcess(["--preset", "tiny", "--state-dir", str(state_dir)], log_file=log_path)
+    except RuntimeError:
+        print(f"server failed to start; see {log_path}", file=sys.stderr)
+        return 1
+    with server:
+        print(f"reward server ready: gRPC {server.target}, dashboard {server.http}/dashboard")
+        run_demo(server.target, out_dir)
     print(f"server stopped; log in {log_path}, discriminator state in {out_dir / 'state'}")
     return 0
 

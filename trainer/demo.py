@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,33 +29,28 @@ def main() -> int:
     refs = write_synthetic_references(out / "references", DEMO_PROMPTS, per_prompt=4)
     print(f"reference set: {refs}")
     server_log = out / "reward-server.log"
-    cmd = [sys.executable, "-m", "reward_server", "--preset", "tiny", "--port", "0", "--http-port", "0",
-           "--state-dir", str(out / "reward-state")]
     t0 = time.perf_counter()
-    with open(server_log, "w") as log:
-        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            ready = json.loads(server.stdout.readline() or "{}")
-            if "grpc" not in ready:
-                print(f"reward server failed to start; see {server_log}", file=sys.stderr)
-                return 1
-            print(f"reward server: gRPC {ready['grpc']}, dashboard {ready['http']}/dashboard")
-            from .config import load_train_config
-            from .loop import AdvGrpoTrainer
+    from reward_server.process import ServerProcess
 
-            cfg = load_train_config(
-                "tiny",
-                overrides={
-                    "reward": {"server": ready["grpc"]},
-                    "adversarial": {"references": str(refs)},
-                    "run": {"output_dir": str(out / "run"), "epochs": epochs, "eval_every": 2, "save_every": 0},
-                },
-            )
-            trainer = AdvGrpoTrainer(cfg)
-            trainer.run()
-        finally:
-            server.terminate()
-            server.wait(60)
+    try:
+        server = ServerProcess(["--preset", "tiny", "--state-dir", str(out / "reward-state")], log_file=server_log)
+    except RuntimeError:
+        print(f"reward server failed to start; see {server_log}", file=sys.stderr)
+        return 1
+    with server:
+        print(f"reward server: gRPC {server.target}, dashboard {server.http}/dashboard")
+        from .config import load_train_config
+        from .loop import AdvGrpoTrainer
+
+        cfg = load_train_config(
+            "tiny",
+            overrides={
+                "reward": {"server": server.target},
+                "adversarial": {"references": str(refs)},
+                "run": {"output_dir": str(out / "run"), "epochs": epochs, "eval_every": 2, "save_every": 0},
+            },
+        )
+        AdvGrpoTrainer(cfg).run()
     run = out / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs_done = [r for r in records if "reward_mean" in r]
