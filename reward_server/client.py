@@ -109,8 +109,9 @@ class RewardClient:
             ],
         )
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
-        # Score and ScoreStream carry the images: their requests are written straight to the wire
-        # format (one copy of the pixels, see _ScoreBatch); everything else uses protobuf as is.
+        # Score, ScoreStream and UpdateDiscriminator carry the images: their requests are written
+        # straight to the wire format (one copy of the pixels, see _ScoreBatch); the rest uses
+        # protobuf as is.
         service = "/" + reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
         self._score = self._channel.unary_unary(
             f"{service}/Score", request_serializer=_ScoreBatch.serialize,
@@ -119,6 +120,10 @@ class RewardClient:
         self._score_stream = self._channel.stream_stream(
             f"{service}/ScoreStream", request_serializer=_ScoreBatch.serialize,
             response_deserializer=reward_pb2.ScoreResponse.FromString,
+        )
+        self._update = self._channel.unary_unary(
+            f"{service}/UpdateDiscriminator", request_serializer=_UpdateBatch.serialize,
+            response_deserializer=reward_pb2.UpdateDiscriminatorResponse.FromString,
         )
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -204,15 +209,14 @@ class RewardClient:
         update_id: str | None = None,
     ) -> UpdateResult:
         """One discriminator update (``steps`` optimizer steps); safe to retry (idempotency key)."""
-        request = reward_pb2.UpdateDiscriminatorRequest(
-            model=model,
-            steps=steps,
-            update_id=update_id or uuid.uuid4().hex,
+        request = _UpdateBatch(
+            model,
+            [self._encode_group(g, i) for i, g in enumerate(references)],
+            [self._encode_group(g, i) for i, g in enumerate(generated)],
+            steps,
+            update_id or uuid.uuid4().hex,
         )
-        for repeated, groups in ((request.references, references), (request.generated, generated)):
-            for i, g in enumerate(groups):
-                self._encode_group(g, i).add_to(repeated)
-        r = self._call(self._stub.UpdateDiscriminator, request)
+        r = self._call(self._update, request)
         return UpdateResult(r.model, r.version, r.loss, r.reference_score, r.generated_score, r.accuracy, r.replayed)
 
     # ------------------------------------------------------------------ internals
@@ -271,44 +275,73 @@ def _len_field(field: int, payload_len: int) -> bytes:
     return _varint((field << 3) | 2) + _varint(payload_len)
 
 
+def _group_chunks(number: int, g: "_Encoded") -> list:
+    """An ImageGroup as field ``number`` of its parent, in wire format: tags and lengths as bytes,
+    the image data as given (bytes or views of the caller's arrays), for one ``bytes.join``."""
+    head = b""
+    if g.group_id:
+        gid = g.group_id.encode()
+        head += _len_field(1, len(gid)) + gid
+    if g.prompt:
+        prompt = g.prompt.encode()
+        head += _len_field(2, len(prompt)) + prompt
+    body: list = [head]
+    for encoding, height, width, data in g.images:
+        fields = b"".join(
+            _varint(tag) + _varint(value)
+            for tag, value in ((0x08, encoding), (0x10, height), (0x18, width))
+            if value  # proto3 leaves zero scalars out
+        )
+        fields += _len_field(4, len(data)) if len(data) else b""
+        body += [_len_field(3, len(fields) + len(data)), fields, data]
+    return [_len_field(number, sum(len(b) for b in body)), *body]
+
+
+def _string_field(number: int, value: str) -> bytes:
+    raw = value.encode()
+    return _len_field(number, len(raw)) + raw if raw else b""
+
+
 @dataclass
 class _ScoreBatch:
     """A ScoreRequest as encoded groups, serialised by hand in protobuf's wire format.
 
     Building a ScoreRequest message copies every image into it and SerializeToString copies it
-    again; here the image bytes are copied once, by bytes.join. The result parses as the same
-    ScoreRequest (tests/test_client.py checks it against protobuf).
+    again; here the pixels are copied once, from the caller's arrays, by bytes.join. The result
+    parses as the same ScoreRequest (tests/test_client.py checks it against protobuf).
     """
 
     groups: list["_Encoded"]
     weights: dict[str, float]
 
     def serialize(self) -> bytes:
-        chunks: list[bytes] = []
+        chunks: list = []
         for g in self.groups:
-            head = b""
-            if g.group_id:
-                gid = g.group_id.encode()
-                head += _len_field(1, len(gid)) + gid
-            if g.prompt:
-                prompt = g.prompt.encode()
-                head += _len_field(2, len(prompt)) + prompt
-            body: list[bytes] = [head]
-            for encoding, height, width, data in g.images:
-                fields = b"".join(
-                    _varint(tag) + _varint(value)
-                    for tag, value in ((0x08, encoding), (0x10, height), (0x18, width))
-                    if value  # proto3 leaves zero scalars out
-                )
-                fields += _len_field(4, len(data)) if data else b""
-                body += [_len_field(3, len(fields) + len(data)), fields, data]
-            group_len = sum(len(b) for b in body)
-            chunks.append(_len_field(1, group_len))
-            chunks.extend(body)
+            chunks += _group_chunks(1, g)
         for key, value in self.weights.items():
-            k = key.encode()
-            entry = _len_field(1, len(k)) + k + b"\x15" + struct.pack("<f", value)
+            entry = _string_field(1, key) + b"\x15" + struct.pack("<f", value)
             chunks.append(_len_field(2, len(entry)) + entry)
+        return b"".join(chunks)
+
+
+@dataclass
+class _UpdateBatch:
+    """An UpdateDiscriminatorRequest, serialised by hand like ``_ScoreBatch``."""
+
+    model: str
+    references: list["_Encoded"]
+    generated: list["_Encoded"]
+    steps: int
+    update_id: str
+
+    def serialize(self) -> bytes:
+        chunks: list = [_string_field(1, self.model)]
+        for number, groups in ((2, self.references), (3, self.generated)):
+            for g in groups:
+                chunks += _group_chunks(number, g)
+        if self.steps:
+            chunks.append(b"\x20" + _varint(self.steps))
+        chunks.append(_string_field(5, self.update_id))
         return b"".join(chunks)
 
 
@@ -320,7 +353,7 @@ class _Encoded:
     index: int
     group_id: str
     prompt: str
-    images: list[tuple[int, int, int, bytes]]  # (encoding, height, width, data)
+    images: list[tuple[int, int, int, bytes | memoryview]]  # (encoding, height, width, data)
 
     def nbytes(self) -> int:
         """An upper bound of the serialised ImageGroup's size."""
@@ -332,7 +365,7 @@ class _Encoded:
         if self.nbytes() <= budget:
             return [self]
         pieces: list[_Encoded] = []
-        current: list[tuple[int, int, int, bytes]] = []
+        current: list[tuple[int, int, int, bytes | memoryview]] = []
         for image in self.images:
             candidate = _Encoded(self.index, self.group_id, self.prompt, current + [image])
             if current and candidate.nbytes() > budget:
@@ -346,7 +379,7 @@ class _Encoded:
         """Appends this group to a repeated ImageGroup field (images set in place, no extra copy)."""
         g = groups.add(group_id=self.group_id, prompt=self.prompt)
         for encoding, height, width, data in self.images:
-            g.images.add(encoding=encoding, height=height, width=width, data=data)
+            g.images.add(encoding=encoding, height=height, width=width, data=bytes(data))
 
 
 @dataclass

@@ -100,9 +100,13 @@ def to_uint8_hwc(image: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def encode_image_parts(image: Any, encoding: str | int = "raw", jpeg_quality: int = 95) -> tuple[int, int, int, bytes]:
+def encode_image_parts(
+    image: Any, encoding: str | int = "raw", jpeg_quality: int = 95
+) -> tuple[int, int, int, bytes | memoryview]:
     """(encoding, height, width, data) of a PIL image / array / tensor: the fields of an ``Image``,
-    without building the message (callers add them straight into a request, saving a copy)."""
+    without building the message (the client writes them straight into a request, saving copies).
+    For raw RGB8, ``data`` is a flat view of the uint8 array, which may share the caller's memory:
+    it is copied when the request is serialised."""
     try:
         enc = _ENCODINGS[encoding]
     except KeyError:
@@ -110,7 +114,7 @@ def encode_image_parts(image: Any, encoding: str | int = "raw", jpeg_quality: in
     arr = to_uint8_hwc(image)
     h, w = arr.shape[:2]
     if enc == RAW:
-        return enc, h, w, arr.tobytes()
+        return enc, h, w, memoryview(arr).cast("B")
     buf = io.BytesIO()
     kwargs = {"quality": jpeg_quality} if enc == JPEG else {"compress_level": 1}
     PILImage.fromarray(arr).save(buf, format=_PIL_FORMATS[enc], **kwargs)
@@ -120,4 +124,4 @@ def encode_image_parts(image: Any, encoding: str | int = "raw", jpeg_quality: in
 def encode_image(image: Any, encoding: str | int = "raw", jpeg_quality: int = 95) -> reward_pb2.Image:
     """Encodes a PIL image / array / tensor as an ``Image`` message (raw RGB8 by default)."""
     enc, h, w, data = encode_image_parts(image, encoding, jpeg_quality)
-    return reward_pb2.Image(encoding=enc, height=h, width=w, data=data)
+    return reward_pb2.Image(encoding=enc, height=h, width=w, data=bytes(data))

@@ -94,7 +94,7 @@ def test_split_keeps_every_piece_under_budget_and_in_order():
 
 def test_hand_written_wire_format_parses_as_the_same_score_request():
     from advgrpo.reward.v1 import reward_pb2
-    from reward_server.client import _ScoreBatch
+    from reward_server.client import _ScoreBatch, _UpdateBatch
 
     client = RewardClient("127.0.0.1:1")
     rng = np.random.default_rng(1)
@@ -110,4 +110,23 @@ def test_hand_written_wire_format_parses_as_the_same_score_request():
     parsed = reward_pb2.ScoreRequest.FromString(batch.serialize())
     assert parsed == expected
     assert _ScoreBatch([], {}).serialize() == b""
+
+    update = _UpdateBatch("dino", groups[:1], groups[1:] + [png], 3, "id-1")
+    expected = reward_pb2.UpdateDiscriminatorRequest(model="dino", steps=3, update_id="id-1")
+    for g in update.references:
+        g.add_to(expected.references)
+    for g in update.generated:
+        g.add_to(expected.generated)
+    assert reward_pb2.UpdateDiscriminatorRequest.FromString(update.serialize()) == expected
+    assert _UpdateBatch("", [], [], 0, "").serialize() == b""
+    client.close()
+
+
+def test_raw_images_are_not_copied_before_serialisation():
+    """The client keeps views of the caller's uint8 arrays until it writes the request (one copy)."""
+    client = RewardClient("127.0.0.1:1")
+    image = np.zeros((4, 6, 3), np.uint8)
+    encoded = client._encode_group(Group("p", [image]), 0)
+    data = encoded.images[0][3]
+    assert isinstance(data, memoryview) and np.shares_memory(np.asarray(data), image)
     client.close()

@@ -239,6 +239,24 @@ def test_bad_inputs_get_clear_statuses_and_the_server_keeps_serving(stub, client
     assert len(client.score([Group("a", [np.zeros((8, 8, 3), np.uint8)])])[0].rewards) == 1
 
 
+def test_malformed_request_bytes_are_invalid_argument(tiny_server, client):
+    """Bytes that are no ScoreRequest / UpdateDiscriminatorRequest at all (a client with a broken
+    serialiser): INVALID_ARGUMENT naming the message type, and the server keeps serving."""
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    truncated = score_request(raw(4, 4)).SerializeToString()[:-5]
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        for method, message in (("Score", "ScoreRequest"), ("UpdateDiscriminator", "UpdateDiscriminatorRequest")):
+            call = channel.unary_unary(f"/{SERVICE}/{method}")  # no serialiser: raw bytes
+            expect_status(call, truncated, IA, f"advgrpo.reward.v1.{message}")
+            expect_status(call, b"\xff\xff\xff", IA, f"advgrpo.reward.v1.{message}")
+        stream = channel.stream_stream(f"/{SERVICE}/ScoreStream")
+        good = score_request(raw(2, 2), weights={"dino": 1.0}).SerializeToString()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream(iter([good, truncated]), timeout=60))
+        assert info.value.code() == IA and "stream message 1" in info.value.details(), info.value.details()
+    assert len(client.score([Group("a", [np.zeros((8, 8, 3), np.uint8)])])[0].rewards) == 1
+
+
 def test_message_and_queue_limits_are_resource_exhausted(start_server, tmp_path):
     cfg = tmp_path / "limits.yaml"
     cfg.write_text(

@@ -9,14 +9,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from ..errors import ConfigError
 from ..host import ModelHost
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from .servicer import SERVICE as SERVICE_NAME
 from .servicer import RewardServicer
 
-SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+
 
 
 class GrpcFrontend:
@@ -36,7 +36,7 @@ class GrpcFrontend:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(host), self.server)
+        RewardServicer(host).add_to_server(self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -1,5 +1,9 @@
 """The RewardService servicer: thin. Conversion lives in ``convert``, logic in ``ModelHost``,
-errors/auth/metrics in the interceptors."""
+errors/auth/metrics in the interceptors.
+
+Score, ScoreStream and UpdateDiscriminator receive their requests as the bytes gRPC read and parse
+them with ``wire.parse`` (pixels stay views into those bytes, and a malformed message becomes
+INVALID_ARGUMENT through the error interceptor rather than a deserialisation failure)."""
 
 from __future__ import annotations
 
@@ -10,20 +14,45 @@ import grpc
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
-from .. import convert
+from .. import convert, wire
 from ..errors import RewardError
 from ..host import ModelHost
+
+SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, host: ModelHost):
         self.host = host
 
-    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
-        return await convert.score(self.host, request)
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Registers RewardService like the generated ``add_RewardServiceServicer_to_server``, but
+        with raw-bytes requests for the image-carrying methods."""
+        pb = reward_pb2
+        handlers = {
+            "Score": grpc.unary_unary_rpc_method_handler(
+                self.Score, response_serializer=pb.ScoreResponse.SerializeToString
+            ),
+            "ScoreStream": grpc.stream_stream_rpc_method_handler(
+                self.ScoreStream, response_serializer=pb.ScoreResponse.SerializeToString
+            ),
+            "UpdateDiscriminator": grpc.unary_unary_rpc_method_handler(
+                self.UpdateDiscriminator, response_serializer=pb.UpdateDiscriminatorResponse.SerializeToString
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.ListModels,
+                request_deserializer=pb.ListModelsRequest.FromString,
+                response_serializer=pb.ListModelsResponse.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        server.add_registered_method_handlers(SERVICE, handlers)
+
+    async def Score(self, request: bytes, context: grpc.aio.ServicerContext):
+        return await convert.score(self.host, wire.parse(reward_pb2.ScoreRequest, request))
 
     async def ScoreStream(
-        self, request_iterator: AsyncIterator[reward_pb2.ScoreRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[reward_pb2.ScoreResponse]:
         """Scores up to ``max_stream_inflight`` requests at once; answers strictly in request order."""
         limit = self.host.config.server.max_stream_inflight
@@ -50,15 +79,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 if task is not None:
                     task.cancel()
 
-    async def _score_indexed(self, request: reward_pb2.ScoreRequest, index: int) -> reward_pb2.ScoreResponse:
+    async def _score_indexed(self, request: bytes, index: int) -> reward_pb2.ScoreResponse:
         try:
-            return await convert.score(self.host, request)
+            return await convert.score(self.host, wire.parse(reward_pb2.ScoreRequest, request))
         except RewardError as exc:
             # Name the message so a client can tell which group of its stream was refused.
             raise type(exc)(f"stream message {index}: {exc}") from None
 
-    async def UpdateDiscriminator(self, request: reward_pb2.UpdateDiscriminatorRequest, context):
-        return await convert.update(self.host, request)
+    async def UpdateDiscriminator(self, request: bytes, context):
+        return await convert.update(self.host, wire.parse(reward_pb2.UpdateDiscriminatorRequest, request))
 
     async def ListModels(self, request: reward_pb2.ListModelsRequest, context):
         return convert.list_models_response(self.host.list_models())
