@@ -76,14 +76,17 @@ def patch_hinge_loss_triton(tokens, patch_index, target, w1, b1, w2, b2, patch_l
     )
 
 
-def _hinge(ref_logits: torch.Tensor, gen_logits: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (F.relu(1.0 - ref_logits).mean() + F.relu(1.0 + gen_logits).mean())
-
-
 def patch_hinge_loss_reference(tokens, patch_index, target, w1, b1, w2, b2, patch_loss_weight: float = 0.3):
-    """The PyTorch reference: the head on CLS + sampled patches, then the two hinge terms."""
+    """The PyTorch reference: the head on CLS + sampled patches, then the two hinge terms.
+
+    ½(mean over references of relu(1 − D) + mean over generations of relu(1 + D)) for the CLS
+    logits, plus ``patch_loss_weight`` × the same over every patch logit; written as one sum with
+    the per-image weight ½/|group| (as the kernel does), which needs no boolean indexing."""
     t = check_target(target, tokens.shape[0], tokens.device)
-    logits = row_logits_reference(tokens, patch_index, w1, b1, w2, b2)
-    ref = t > 0
-    cls, patch = logits[:, 0], logits[:, 1:]
-    return _hinge(cls[ref], cls[~ref]) + patch_loss_weight * _hinge(patch[ref], patch[~ref])
+    logits = row_logits_reference(tokens, patch_index, w1, b1, w2, b2)  # [B, 1+K]
+    is_ref = t > 0
+    n_ref = is_ref.sum()
+    weight = torch.where(is_ref, 0.5 / n_ref, 0.5 / (t.numel() - n_ref))
+    margins = F.relu(1.0 - t[:, None] * logits)
+    per_image = margins[:, 0] + patch_loss_weight * margins[:, 1:].mean(dim=1)
+    return (weight * per_image).sum()

@@ -80,9 +80,13 @@ def test_sample_patch_index_distinct_bounded_and_per_row():
     assert torch.equal(sample_patch_index(seeds[::-1], 16, 8).flip(0), idx)
     # Different seeds give different samples (overwhelmingly likely for 40 rows).
     assert len({tuple(r) for r in idx.tolist()}) > 30
-    # K = N is a permutation.
-    full = sample_patch_index(seeds[:3], 16, 16)
+    # K = N is a permutation, and every K takes its first K entries (the K smallest keys).
+    full = sample_patch_index(seeds, 16, 16)
     assert all(sorted(r) == list(range(16)) for r in full.tolist())
+    assert torch.equal(full[:, :8], idx)
+    # Roughly uniform: each patch is picked about K/N of the time over many seeds.
+    counts = torch.bincount(sample_patch_index(range(4000), 16, 4).flatten(), minlength=16)
+    assert int(counts.min()) > 850 and int(counts.max()) < 1150  # expected 1000 each
     with pytest.raises(ValueError):
         sample_patch_index(seeds, 16, 17)
     assert sample_patch_index([], 16, 8).shape == (0, 8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -99,21 +100,33 @@ class TrainableRewardModel(RewardModel):
         return self.kind
 
 
-def content_digest(image: Image, salt: int = 0, digest_size: int = 16) -> bytes:
-    """blake2b (keyed by ``salt``) of an image's pixels in C order and its shape.
+def content_digest(image: Image) -> bytes:
+    """16 bytes of SHA-256 over an image's shape and its pixels in C order: names content.
 
-    Identifies content: a copy in another memory layout has the same digest. 16 bytes (the
-    default) name an image in a cache; ``content_seed`` takes 8.
+    A copy in another memory layout has the same digest; the same bytes in another shape do not.
+    SHA-256 because CPUs hash it in hardware (SHA-NI: ~1.8 GB/s here, blake2b ~1 GB/s): a
+    feature-cache hit costs one pass over the pixels, and this is that pass.
     """
-    h = hashlib.blake2b(digest_size=digest_size, key=salt.to_bytes(8, "little", signed=True))
-    h.update(np.ascontiguousarray(image).data)  # the buffer itself: no copy of the pixels
-    h.update(np.asarray(image.shape, dtype=np.int64).tobytes())
-    return h.digest()
+    h = hashlib.sha256(struct.pack(f"<{image.ndim}q", *image.shape))
+    h.update(image.data if image.flags.c_contiguous else np.ascontiguousarray(image).data)  # no copy
+    return h.digest()[:16]
+
+
+_M64 = (1 << 64) - 1
+
+
+def digest_seed(digest: bytes, salt: int = 0) -> int:
+    """A 63-bit seed from a content digest and a salt (e.g. the model's seed): SplitMix64's
+    finaliser over the digest's first 8 bytes and the salt (the digest's bits are uniform already)."""
+    x = (int.from_bytes(digest[:8], "little") + (salt & _M64) * 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
 def content_seed(image: Image, salt: int = 0) -> int:
     """A 63-bit seed from the image's pixels: the same image always samples the same patches."""
-    return int.from_bytes(content_digest(image, salt, digest_size=8), "little") & ((1 << 63) - 1)
+    return digest_seed(content_digest(image), salt)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

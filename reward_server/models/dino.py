@@ -26,7 +26,6 @@ batch-invariant).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Sequence
 
@@ -48,7 +47,7 @@ from .base import (
     check_images,
     check_prompts,
     content_digest,
-    content_seed,
+    digest_seed,
     resolve_device,
 )
 
@@ -59,6 +58,7 @@ __all__ = [
     "head_scores",
     "hinge_loss",
     "mix_seed",
+    "mix_seeds",
     "sample_patch_index",
     "transform_tokens",
 ]
@@ -73,12 +73,25 @@ _FINGERPRINT_META = "fingerprint"
 # Pure math
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over a uint64 array (wrapping arithmetic): a bijective bit mixer."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def mix_seeds(seeds: Sequence[int], *values: int) -> list[int]:
+    """63-bit seeds derived from each of ``seeds`` and ``values`` (e.g. model version and step)."""
+    x = np.asarray(seeds, dtype=np.uint64)
+    for v in values:
+        x = _splitmix64(x ^ _splitmix64(np.asarray([v], dtype=np.uint64)))
+    return (x & np.uint64((1 << 63) - 1)).tolist()
+
+
 def mix_seed(seed: int, *values: int) -> int:
-    """A 63-bit seed derived from ``seed`` and ``values`` (e.g. model version and step index)."""
-    h = hashlib.blake2b(digest_size=8)
-    for v in (seed, *values):
-        h.update(int(v).to_bytes(16, "little", signed=True))
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+    """``mix_seeds`` for one seed."""
+    return mix_seeds([seed], *values)[0]
 
 
 def sample_patch_index(
@@ -86,18 +99,24 @@ def sample_patch_index(
 ) -> torch.Tensor:
     """[B, K] patch indices (0..n_patches-1, CLS excluded), K distinct ones per row.
 
-    Row b depends only on ``seeds[b]``: each row draws from its own CPU generator, so the result
-    is the same on every device and for every batch composition.
+    Row b is the first K of a permutation of the patches set by ``seeds[b]`` alone: patch j gets
+    the key mix(mix(seed) ^ j), which is distinct for every j (the mixer is a bijection), and the
+    K smallest keys win, in key order. So a row is the same on every device and in every batch,
+    and one vectorised pass serves the whole batch.
     """
     if not 1 <= k <= n_patches:
         raise ValueError(f"k must be in 1..{n_patches}, got {k}")
-    rows = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(int(seed))
-        rows.append(torch.randperm(n_patches, generator=g)[:k])
-    if not rows:
+    if len(seeds) == 0:
         return torch.empty(0, k, dtype=torch.long, device=device)
-    return torch.stack(rows).to(device)
+    base = _splitmix64(np.asarray(seeds, dtype=np.uint64).reshape(-1, 1))
+    keys = _splitmix64(base ^ np.arange(n_patches, dtype=np.uint64))
+    if k < n_patches:
+        picked = np.argpartition(keys, k - 1, axis=1)[:, :k]
+        order = np.argsort(np.take_along_axis(keys, picked, axis=1), axis=1)
+        index = np.take_along_axis(picked, order, axis=1)
+    else:
+        index = np.argsort(keys, axis=1)
+    return torch.from_numpy(index.astype(np.int64)).to(device)
 
 
 def transform_tokens(tokens: torch.Tensor, kind: str) -> torch.Tensor:
@@ -197,7 +216,11 @@ class DinoDiscriminator(TrainableRewardModel):
         transform_tokens(torch.zeros(1, 1), params.feature_transform)  # fail fast on a bad name
 
         self.head = build_head(self.dim, params.head_hidden, params.seed).to(self.device)
-        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=params.lr, betas=tuple(params.betas))
+        # fused: one kernel for all head tensors (CPU and CUDA); the head is small, so per-tensor
+        # dispatch is most of an optimizer step on cached features.
+        self.optimizer = torch.optim.Adam(
+            self.head.parameters(), lr=params.lr, betas=tuple(params.betas), fused=True
+        )
         self._mean = torch.tensor(params.image_mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(params.image_std, dtype=torch.float32, device=self.device).view(3, 1, 1)
         # Tokens stay on the model's device: a hit is then a copy on the device (no host <-> GPU
@@ -218,18 +241,22 @@ class DinoDiscriminator(TrainableRewardModel):
         return (x - self._mean) / self._std
 
     @torch.no_grad()
-    def features(self, images: Sequence[Image], insert: str | None = None) -> torch.Tensor:
+    def features(
+        self, images: Sequence[Image], insert: str | None = None, keys: Sequence[bytes] | None = None
+    ) -> torch.Tensor:
         """Transformed backbone tokens [B, 1+N, D] (CLS first), float32 on the model's device.
 
         With the caches on, each image is looked up by content (references first, then recently
         scored images) and only the misses (each distinct image once) go through preprocessing
         and the backbone. ``insert`` keeps the misses' tokens: "reference" in the reference pool,
         "recent" in the pool of scored images. Identical to the uncached result, bit for bit.
+        ``keys``: the images' ``content_digest``s when the caller has them already.
         """
         pools = [c for c in (self.feature_cache, self.recent_cache) if c.enabled]
         if not pools:
             return self._backbone_features(images)
-        keys = [content_digest(img) for img in images]
+        if keys is None:
+            keys = [content_digest(img) for img in images]
         found = [self._lookup(key, pools) for key in keys]
         todo: dict[bytes, int] = {}  # missing key -> index of its first image
         for i, (key, tokens) in enumerate(zip(keys, found)):
@@ -266,9 +293,11 @@ class DinoDiscriminator(TrainableRewardModel):
             raise RuntimeError(f"backbone returned {tokens.shape[1]} tokens, expected 1+{self.n_patches}")
         return tokens
 
-    def _seeds(self, images: Sequence[Image]) -> list[int]:
-        # Seeded from the original uint8 pixels, before any resizing.
-        return [content_seed(img, self.params.seed) for img in images]
+    def _digests(self, images: Sequence[Image]) -> tuple[list[bytes], list[int]]:
+        """Each image's content digest (its cache key) and its patch-sampling seed, from one pass
+        over the original uint8 pixels (before any resizing)."""
+        keys = [content_digest(img) for img in images]
+        return keys, [digest_seed(key, self.params.seed) for key in keys]
 
     @torch.no_grad()
     def _rewards(self, tokens: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
@@ -288,8 +317,9 @@ class DinoDiscriminator(TrainableRewardModel):
         check_images(images, "images")
         if not images:
             return np.zeros(0, dtype=np.float32)
-        tokens = self.features(images, insert="recent")  # an update of these may follow
-        return self._rewards(tokens, self._seeds(images)).cpu().numpy().astype(np.float32)
+        keys, seeds = self._digests(images)
+        tokens = self.features(images, insert="recent", keys=keys)  # an update of these may follow
+        return self._rewards(tokens, seeds).cpu().numpy().astype(np.float32)
 
     def update(
         self,
@@ -313,18 +343,20 @@ class DinoDiscriminator(TrainableRewardModel):
         p = self.params
         # The backbone is frozen: its tokens are computed once and reused by every step, and the
         # references' are kept for the next update (the same references come back every epoch).
-        ref_tokens, gen_tokens = self.features(references, insert="reference"), self.features(generated)
-        ref_seeds, gen_seeds = self._seeds(references), self._seeds(generated)
+        ref_keys, ref_seeds = self._digests(references)
+        gen_keys, gen_seeds = self._digests(generated)
+        ref_tokens = self.features(references, insert="reference", keys=ref_keys)
+        gen_tokens = self.features(generated, keys=gen_keys)
 
         # One batch for the fused loss: references (+1) then generations (-1).
         tokens = torch.cat([ref_tokens, gen_tokens])
-        target = torch.cat([torch.ones(len(references)), -torch.ones(len(generated))]).to(self.device)
+        n_ref = len(references)
+        target = torch.cat([torch.ones(n_ref), -torch.ones(len(generated))]).to(self.device)
         seeds = ref_seeds + gen_seeds
         loss = torch.zeros(())
         for step in range(steps):
             # Fresh patches per step, yet deterministic: seeded by content, version and step.
-            index = sample_patch_index([mix_seed(s, self.version, step) for s in seeds], self.n_patches, self.k,
-                                       self.device)
+            index = sample_patch_index(mix_seeds(seeds, self.version, step), self.n_patches, self.k, self.device)
             loss = patch_hinge_loss(tokens, index, target, *self._head_weights(),
                                     patch_loss_weight=p.patch_loss_weight)
             self.optimizer.zero_grad(set_to_none=True)
@@ -332,14 +364,14 @@ class DinoDiscriminator(TrainableRewardModel):
             self.optimizer.step()
 
         # Reported scores are the scoring path's rewards (content-seeded patches) after the update.
-        ref_reward = self._rewards(ref_tokens, ref_seeds)
-        gen_reward = self._rewards(gen_tokens, gen_seeds)
-        correct = int((ref_reward > 0).sum()) + int((gen_reward < 0).sum())
+        reward = self._rewards(tokens, seeds).tolist()  # one device sync; the sums are tiny
+        ref_reward, gen_reward = reward[:n_ref], reward[n_ref:]
+        correct = sum(r > 0 for r in ref_reward) + sum(r < 0 for r in gen_reward)
         return UpdateResult(
             loss=float(loss.detach()),
-            reference_score=float(ref_reward.mean()),
-            generated_score=float(gen_reward.mean()),
-            accuracy=correct / (len(references) + len(generated)),
+            reference_score=math.fsum(ref_reward) / len(ref_reward),
+            generated_score=math.fsum(gen_reward) / len(gen_reward),
+            accuracy=correct / len(reward),
         )
 
     def stats(self) -> dict[str, float]:
