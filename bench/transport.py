@@ -6,6 +6,8 @@ Compared side by side, in one run, interleaved round by round:
   raw RGB8 encoding (the client's default);
 * ours, ``ScoreStream``: ``RewardClient.score_stream`` over 8 copies of the group; the per-group
   time is the stream's total time / 8 (the stream pipelines groups), over 8 such streams;
+* ours, unary ``Score`` with ``shared_memory=True``: the same call, the pixels passed through a
+  /dev/shm segment (for a trainer on the server's host); interleaved with the other two;
 * baseline: Flow-GRPO's pickle-over-HTTP reward server (bench/pickle_baseline.py, a separate
   Flask/werkzeug process): JPEG q75 encode + pickle + HTTP POST + unpickle + JPEG decode.
 
@@ -112,6 +114,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
     try:
         client = RewardClient(server.target, timeout_s=60, keep_freed_memory=True)  # as the trainer does
         client.wait_ready(30)
+        shm_client = RewardClient(server.target, timeout_s=60, keep_freed_memory=True, shared_memory=True)
         # Flow-GRPO's client uses requests.Session; httpx.Client (a declared dependency) is the same
         # thing here: a synchronous client that keeps the connection alive between calls.
         session = httpx.Client(timeout=60)
@@ -128,12 +131,15 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
             server_cpu[name] += cpu_seconds(server_pid) - cpu0
             return dt
 
-        def ours_unary() -> float:
+        def ours_unary(c=client) -> float:
             t0 = time.perf_counter()
-            out = client.score([group])
+            out = c.score([group])
             dt = time.perf_counter() - t0
             assert len(out) == 1 and len(out[0].rewards) == GROUP_SIZE
             return dt
+
+        def ours_shared() -> float:
+            return ours_unary(shm_client)
 
         encode_times: list[float] = []
 
@@ -160,14 +166,16 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
 
         for _ in range(warmup):
             ours_unary()
+            ours_shared()
             pickle_http()
         ours_stream()
 
-        unary, pickled = [], []
+        unary, pickled, shared = [], [], []
         encode_times.clear()
-        for _ in range(rounds):  # interleaved: drift and noise hit both alike
+        for _ in range(rounds):  # interleaved: drift and noise hit all alike
             unary.append(counted("ours", server.pid, ours_unary))
             pickled.append(counted("baseline", base.proc.pid, pickle_http))
+            shared.append(ours_shared())
         stream = [ours_stream() for _ in range(streams)]
         client_profile = profile_calls(lambda: client.score([group]), calls=5)
 
@@ -175,12 +183,13 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
         jpeg_body = len(baseline.encode_request(images, prompts))
         session.close()
         client.close()
+        shm_client.close()
     finally:
         base.stop()
         server.stop()
 
     res_unary, res_pickle = summary_ms(unary), summary_ms(pickled)
-    res_stream = summary_ms(stream)
+    res_stream, res_shared = summary_ms(stream), summary_ms(shared)
     res_pickle["client_jpeg_pickle_encode_median_ms"] = summary_ms(encode_times)["median_ms"]
     return {
         "group": f"{GROUP_SIZE} images {SIDE}x{SIDE} RGB uint8",
@@ -190,6 +199,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
         "bytes_per_group": {"ours_raw_rgb8": raw_bytes, "baseline_pickled_jpeg_q75": jpeg_body},
         "ours_unary": res_unary,
         "ours_stream": res_stream,
+        "ours_unary_shared_memory": res_shared,
         "baseline_pickle_http_jpeg": res_pickle,
         "minor_page_faults_per_round_trip": {
             name: {"client": round(c / rounds), "server": round(sv / rounds)} for name, (c, sv) in faults.items()
@@ -198,6 +208,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
         "ours_unary_client_profile": client_profile,
         "speedup_unary_median": round(res_pickle["median_ms"] / res_unary["median_ms"], 2),
         "speedup_stream_median": round(res_pickle["median_ms"] / res_stream["median_ms"], 2),
+        "speedup_unary_shared_memory_median": round(res_pickle["median_ms"] / res_shared["median_ms"], 2),
         "target_speedup": 3.0,
     }
 

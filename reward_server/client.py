@@ -10,6 +10,7 @@ Depends only on grpc, numpy and PIL: no torch, no server code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import struct
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .images import encode_image_parts
+from .shared_memory import SharedMemoryArena
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,9 +89,16 @@ class RewardClient:
         encoding: str = "raw",
         retry: RetryPolicy | None = None,
         keep_freed_memory: bool = False,
+        shared_memory: bool = False,
     ):
         """``keep_freed_memory``: tune this process's glibc allocator to keep freed buffers (see
-        reward_server.allocator); it makes raw image transfers much cheaper, process-wide."""
+        reward_server.allocator); it makes raw image transfers much cheaper, process-wide.
+
+        ``shared_memory``: for a server on this host (same /dev/shm), ``score`` and
+        ``update_discriminator`` pass the image bytes through a shared-memory segment this client
+        owns instead of the socket (the server must have ``server.shared_memory`` on, the
+        default). One call at a time uses the segment; a concurrent call from another thread
+        sends its bytes inline. Streams always send inline."""
         if keep_freed_memory:
             from .allocator import keep_freed_memory as _keep
 
@@ -100,6 +109,7 @@ class RewardClient:
         self.retry = retry or RetryPolicy()
         # Leave headroom below the limit for the non-image fields of a request.
         self.chunk_bytes = max(1024, int(max_message_bytes * 0.9))
+        self._arena = SharedMemoryArena() if shared_memory else None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
             target,
@@ -131,6 +141,9 @@ class RewardClient:
 
     def close(self) -> None:
         self._channel.close()
+        if self._arena is not None:
+            with self._arena.lock:
+                self._arena.close()
 
     def __enter__(self) -> "RewardClient":
         return self
@@ -166,9 +179,10 @@ class RewardClient:
         """Scores groups (one unary call per message-sized chunk); results in the order given."""
         encoded = [self._encode_group(g, i) for i, g in enumerate(groups)]
         results: list[_Part] = []
-        for request, parts in self._requests(encoded, weights):
-            response = self._call(self._score, request)
-            results.extend(_collect(response, parts))
+        with self._segment() as arena:
+            for request, parts in self._requests(encoded, weights, shared=arena is not None):
+                response = self._call_images(self._score, request, arena)
+                results.extend(_collect(response, parts))
         merged = _merge_parts(results)
         if len(merged) != len(groups):
             raise RuntimeError(f"expected scores for {len(groups)} groups, got {len(merged)}")
@@ -216,7 +230,8 @@ class RewardClient:
             steps,
             update_id or uuid.uuid4().hex,
         )
-        r = self._call(self._update, request)
+        with self._segment() as arena:
+            r = self._call_images(self._update, request, arena)
         return UpdateResult(r.model, r.version, r.loss, r.reference_score, r.generated_score, r.accuracy, r.replayed)
 
     # ------------------------------------------------------------------ internals
@@ -236,13 +251,44 @@ class RewardClient:
                 backoff = min(backoff * policy.multiplier, policy.max_backoff_s)
         raise AssertionError("unreachable")
 
+    @contextlib.contextmanager
+    def _segment(self) -> Iterator[SharedMemoryArena | None]:
+        """This client's shared-memory arena, held for the block, if it has one and no other
+        thread is using it; else None (the bytes go inline)."""
+        arena = self._arena
+        if arena is None or not arena.lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield arena
+        finally:
+            arena.lock.release()
+
+    def _call_images(self, method, request: "_ScoreBatch | _UpdateBatch", arena: SharedMemoryArena | None):
+        """``_call``; with ``arena`` (held), the image bytes go through shared memory."""
+        if arena is None:
+            return self._call(method, request)
+        placed = request.via_shared_memory(arena)
+        try:
+            return self._call(method, placed)
+        except BaseException:
+            arena.discard()  # the server may still be reading it: never rewrite it
+            raise
+
     def _encode_group(self, group: Group, index: int) -> "_Encoded":
         images = [encode_image_parts(img, self.encoding) for img in group.images]
         return _Encoded(index, group.group_id or str(index), group.prompt, images)
 
-    def _requests(self, encoded: Sequence["_Encoded"], weights) -> Iterator[tuple["_ScoreBatch", list]]:
+    def _requests(
+        self, encoded: Sequence["_Encoded"], weights, shared: bool = False
+    ) -> Iterator[tuple["_ScoreBatch", list]]:
         """Packs groups into requests below the chunk budget, splitting groups that are too big.
-        Sizes are summed from the image bytes (protobuf's ByteSize() walks 12 MB per call)."""
+        Sizes are summed from the image bytes (protobuf's ByteSize() walks 12 MB per call).
+        ``shared``: the bytes go through shared memory, so only the request's count limit applies:
+        one request for all the groups."""
+        if shared and sum(len(e.images) for e in encoded) <= _MAX_SHARED_IMAGES:
+            yield _ScoreBatch(list(encoded), dict(weights or {})), [(e.index, 0) for e in encoded]
+            return
         batch = _ScoreBatch([], dict(weights or {}))
         parts: list[tuple[int, int]] = []  # (group index, part number) per group in the request
         size = 0
@@ -292,6 +338,9 @@ def _group_chunks(number: int, g: "_Encoded") -> list:
             for tag, value in ((0x08, encoding), (0x10, height), (0x18, width))
             if value  # proto3 leaves zero scalars out
         )
+        if isinstance(data, _SharedRef):
+            fields += data.serialize()
+            data = b""
         fields += _len_field(4, len(data)) if len(data) else b""
         body += [_len_field(3, len(fields) + len(data)), fields, data]
     return [_len_field(number, sum(len(b) for b in body)), *body]
@@ -300,6 +349,35 @@ def _group_chunks(number: int, g: "_Encoded") -> list:
 def _string_field(number: int, value: str) -> bytes:
     raw = value.encode()
     return _len_field(number, len(raw)) + raw if raw else b""
+
+
+@dataclass(frozen=True)
+class _SharedRef:
+    """An image's bytes in a shared-memory segment: Image.shared_memory instead of Image.data."""
+
+    name: str
+    offset: int
+    size: int
+
+    def serialize(self) -> bytes:
+        """Image field 5, a SharedMemorySlice."""
+        body = _string_field(1, self.name)
+        body += (b"\x10" + _varint(self.offset)) if self.offset else b""
+        body += (b"\x18" + _varint(self.size)) if self.size else b""
+        return _len_field(5, len(body)) + body
+
+
+def _place_groups(groups: list["_Encoded"], arena: SharedMemoryArena) -> list["_Encoded"]:
+    """Copies every image's bytes into ``arena``; the groups with _SharedRefs in their place."""
+    refs = iter(arena.place([data for g in groups for *_, data in g.images]))
+    return [
+        _Encoded(g.index, g.group_id, g.prompt, [(e, h, w, _SharedRef(*next(refs))) for e, h, w, _ in g.images])
+        for g in groups
+    ]
+
+
+# The server's default max_images_per_request: one shared-memory Score request carries at most this.
+_MAX_SHARED_IMAGES = 1024
 
 
 @dataclass
@@ -323,6 +401,9 @@ class _ScoreBatch:
             chunks.append(_len_field(2, len(entry)) + entry)
         return b"".join(chunks)
 
+    def via_shared_memory(self, arena: SharedMemoryArena) -> "_ScoreBatch":
+        return _ScoreBatch(_place_groups(self.groups, arena), self.weights)
+
 
 @dataclass
 class _UpdateBatch:
@@ -344,6 +425,11 @@ class _UpdateBatch:
         chunks.append(_string_field(5, self.update_id))
         return b"".join(chunks)
 
+    def via_shared_memory(self, arena: SharedMemoryArena) -> "_UpdateBatch":
+        placed = _place_groups(self.references + self.generated, arena)
+        n = len(self.references)
+        return _UpdateBatch(self.model, placed[:n], placed[n:], self.steps, self.update_id)
+
 
 _FIELD_OVERHEAD = 16  # bytes of tags and lengths per image / group, generously
 
@@ -353,7 +439,7 @@ class _Encoded:
     index: int
     group_id: str
     prompt: str
-    images: list[tuple[int, int, int, bytes | memoryview]]  # (encoding, height, width, data)
+    images: list[tuple[int, int, int, Any]]  # (encoding, height, width, data: bytes-like or _SharedRef)
 
     def nbytes(self) -> int:
         """An upper bound of the serialised ImageGroup's size."""

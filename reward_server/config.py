@@ -119,6 +119,7 @@ class ServerSettings:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     torch_threads: int = 0  # 0: torch's default
     keep_freed_memory: bool = True  # glibc keeps freed buffers warm (reward_server/allocator.py)
+    shared_memory: bool = True  # read image bytes that local clients pass through /dev/shm
     drain_notice_s: float = 1.0  # NOT_SERVING is announced this long before new RPCs are refused
     drain_grace_s: float = 10.0  # then in-flight RPCs get this long to finish
     log_level: str = "INFO"

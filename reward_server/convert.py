@@ -10,12 +10,12 @@ from .host import GroupInput, GroupResult, ModelHost, ModelStatus, UpdateOutcome
 from .images import RAW, decode_image
 
 
-def _decode_groups(groups: Sequence[reward_pb2.ImageGroup], field: str, max_side: int) -> list[GroupInput]:
+def _decode_groups(groups: Sequence[reward_pb2.ImageGroup], field: str, max_side: int, shm) -> list[GroupInput]:
     return [
         GroupInput(
             g.group_id,
             g.prompt,
-            [decode_image(img, f"{field}[{i}].images[{j}]", max_side) for j, img in enumerate(g.images)],
+            [decode_image(img, f"{field}[{i}].images[{j}]", max_side, shm) for j, img in enumerate(g.images)],
         )
         for i, g in enumerate(groups)
     ]
@@ -26,8 +26,8 @@ async def decode_groups(host: ModelHost, groups: Sequence[reward_pb2.ImageGroup]
     max_side = host.config.server.max_image_side
     compressed = any(img.encoding != RAW for g in groups for img in g.images)
     if compressed:
-        return await host.run_decode(_decode_groups, groups, field, max_side)
-    return _decode_groups(groups, field, max_side)
+        return await host.run_decode(_decode_groups, groups, field, max_side, host.shared_memory)
+    return _decode_groups(groups, field, max_side, host.shared_memory)
 
 
 async def score(host: ModelHost, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:

@@ -24,6 +24,7 @@ from .config import ModelConfig, ServerConfig
 from .errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .metrics import ServerMetrics
 from .models import RewardModel, TrainableRewardModel, build_model
+from .shared_memory import SharedMemoryReader
 from .state import FINGERPRINT_KEY, VERSION_KEY, StateStore
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class ModelHost:
         }
         self.started_at = time.time()
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        # Image bytes from clients on this host, through /dev/shm (see shared_memory.py).
+        self.shared_memory = SharedMemoryReader() if config.server.shared_memory else None
         self._hosted: dict[str, _Hosted] = {}
         for cfg in config.models:
             model = models[cfg.name]
@@ -371,6 +374,8 @@ class ModelHost:
             h.executor.shutdown(wait=True)
             h.model.close()
         self._decode_pool.shutdown(wait=False)
+        if self.shared_memory is not None:
+            self.shared_memory.close()
 
 
 async def _gather_or_cancel(coros):

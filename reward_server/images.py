@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 from advgrpo.reward.v1 import reward_pb2
 
 from .errors import InvalidArgument
+from .shared_memory import SharedMemoryReader, read_shared
 
 RAW = reward_pb2.ENCODING_RAW_RGB8
 PNG = reward_pb2.ENCODING_PNG
@@ -26,25 +27,32 @@ _PIL_FORMATS = {PNG: "PNG", JPEG: "JPEG"}
 DEFAULT_MAX_SIDE = 4096
 
 
-def decode_image(msg: reward_pb2.Image, where: str, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
-    """Decodes one ``Image`` message to a uint8 [H, W, 3] array; raises InvalidArgument naming ``where``."""
+def decode_image(
+    msg: reward_pb2.Image, where: str, max_side: int = DEFAULT_MAX_SIDE, shm: SharedMemoryReader | None = None
+) -> np.ndarray:
+    """Decodes one ``Image`` message to a uint8 [H, W, 3] array; raises InvalidArgument naming ``where``.
+
+    The bytes are ``msg.data`` or, when ``msg.shared_memory`` names a segment, read through
+    ``shm`` (None: this server does not read shared memory)."""
     enc = msg.encoding
     if enc == RAW:
         h, w = msg.height, msg.width
         _check_dims(h, w, where, max_side)
         expected = h * w * 3
-        if len(msg.data) != expected:
+        data = _image_bytes(msg, where, shm)
+        if len(data) != expected:
             raise InvalidArgument(
-                f"{where}: RAW_RGB8 data has {len(msg.data)} bytes, expected height*width*3 = "
+                f"{where}: RAW_RGB8 data has {len(data)} bytes, expected height*width*3 = "
                 f"{h}*{w}*3 = {expected}"
             )
-        return np.frombuffer(msg.data, dtype=np.uint8).reshape(h, w, 3)
+        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
     if enc in _PIL_FORMATS:
         name = _PIL_FORMATS[enc]
-        if not msg.data:
+        data = _image_bytes(msg, where, shm)
+        if not len(data):
             raise InvalidArgument(f"{where}: empty {name} data")
         try:
-            pil = PILImage.open(io.BytesIO(msg.data), formats=[name])
+            pil = PILImage.open(io.BytesIO(data), formats=[name])
             w, h = pil.size  # header only: check before decoding the pixels
             _check_dims(h, w, where, max_side)
             pil.load()
@@ -63,6 +71,15 @@ def decode_image(msg: reward_pb2.Image, where: str, max_side: int = DEFAULT_MAX_
         f"{where}: encoding must be ENCODING_RAW_RGB8, ENCODING_PNG or ENCODING_JPEG, "
         f"got {reward_pb2.Encoding.Name(enc) if enc in reward_pb2.Encoding.values() else enc}"
     )
+
+
+def _image_bytes(msg: reward_pb2.Image, where: str, shm: SharedMemoryReader | None):
+    ref = getattr(msg, "shared_memory", None)  # absent from JSON-built dicts of older clients
+    if ref is None or not ref.name:
+        return msg.data
+    if len(msg.data):
+        raise InvalidArgument(f"{where}: set data or shared_memory, not both")
+    return read_shared(shm, ref, where)
 
 
 def _check_dims(h: int, w: int, where: str, max_side: int) -> None:

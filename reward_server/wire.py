@@ -11,7 +11,8 @@ so they cannot drift from the .proto. Anything it does not handle (a field with 
 wire type, a deprecated group, malformed bytes) goes to protobuf's own parser, which decides:
 the result either way is what protobuf would give, or INVALID_ARGUMENT when protobuf refuses it.
 The parsed objects have the same attribute names as the generated classes (``groups``,
-``images``, ``data``, ...); repeated fields are lists and maps are dicts.
+``images``, ``data``, ...); repeated fields are lists, maps are dicts, and an absent submessage
+is an empty one.
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ class _Field:
         self.schema: _Schema | None = None
         self.convert = None
         if fd.type == _F.TYPE_MESSAGE:
-            if not self.repeated:
-                raise TypeError(f"{fd.full_name}: singular message fields are not supported by the fast parser")
-            self.kind = "map" if fd.message_type.GetOptions().map_entry else "message"
-            self.wire_type, self.default = _LEN, None
             self.schema = _Schema(fd.message_type)
+            if fd.message_type.GetOptions().map_entry:
+                self.kind = "map"
+            else:
+                self.kind = "message" if self.repeated else "submessage"
+            # An absent submessage reads as an empty one, as in protobuf (shared: never mutated).
+            self.wire_type, self.default = _LEN, None if self.repeated else self.schema.new()
         elif fd.type in (_F.TYPE_STRING, _F.TYPE_BYTES):
             if self.repeated:
                 raise TypeError(f"{fd.full_name}: repeated strings are not supported by the fast parser")
@@ -176,6 +179,8 @@ def _parse(schema: _Schema, buf: memoryview, pos: int, end: int) -> _WireMessage
             if f.kind == "map":
                 getattr(obj, f.name)[value.key] = value.value
                 continue
+            if f.kind == "submessage" and getattr(obj, f.name) is not f.default:
+                raise _Unhandled  # a second occurrence merges into the first: protobuf does that
         elif wire_type == _VARINT:
             raw, pos = _varint(buf, pos, end)
             value = f.convert(raw)

@@ -29,8 +29,10 @@ def as_dict(msg, descriptor) -> dict:
         value = getattr(msg, fd.name)
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             out[fd.name] = {k: bits(v) for k, v in value.items()}
-        elif fd.message_type is not None:
+        elif fd.message_type is not None and fd.is_repeated:
             out[fd.name] = [as_dict(v, fd.message_type) for v in value]
+        elif fd.message_type is not None:
+            out[fd.name] = as_dict(value, fd.message_type)
         elif fd.type == fd.TYPE_BYTES:
             out[fd.name] = bytes(value)
         else:
@@ -44,14 +46,17 @@ def random_groups(rng: random.Random, n_groups: int) -> list[reward_pb2.ImageGro
         images = []
         for _ in range(rng.randint(0, 4)):
             h, w = rng.randint(0, 300), rng.randint(0, 9)
-            images.append(
-                reward_pb2.Image(
-                    encoding=rng.choice([0, 1, 2, 3, 7, -5]),  # open enum: unknown values are kept
-                    height=h,
-                    width=w,
-                    data=rng.randbytes(rng.choice([0, 1, h * w * 3])),
-                )
+            image = reward_pb2.Image(
+                encoding=rng.choice([0, 1, 2, 3, 7, -5]),  # open enum: unknown values are kept
+                height=h,
+                width=w,
+                data=rng.randbytes(rng.choice([0, 1, h * w * 3])),
             )
+            if rng.random() < 0.3:
+                image.shared_memory.name = rng.choice(["", "advgrpo-1-a"])
+                image.shared_memory.offset = rng.choice([0, 64, 2**40])
+                image.shared_memory.size = rng.choice([0, h * w * 3])
+            images.append(image)
         prompt = rng.choice(["", "a cat", 'a sign saying "OPEN"', "ünïcødé “quotes” 猫", "x" * 200])
         groups.append(reward_pb2.ImageGroup(group_id=rng.choice(["", f"g{g}"]), prompt=prompt, images=images))
     return groups
@@ -120,6 +125,20 @@ def test_repeated_singular_fields_last_one_wins_and_map_keys_too():
     assert wire.parse(UpdateRequest, data).model == "second" == UpdateRequest.FromString(data).model
     data = ScoreRequest(weights={"dino": 1.0}).SerializeToString() + ScoreRequest(weights={"dino": 2.0}).SerializeToString()
     assert wire.parse(ScoreRequest, data).weights == {"dino": 2.0} == dict(ScoreRequest.FromString(data).weights)
+
+
+def test_an_absent_submessage_reads_as_empty_and_a_repeated_one_merges():
+    plain = wire.parse(ScoreRequest, ScoreRequest(groups=[reward_pb2.ImageGroup(images=[reward_pb2.Image()])]).SerializeToString())
+    shm = plain.groups[0].images[0].shared_memory
+    assert (shm.name, shm.offset, shm.size) == ("", 0, 0)
+    # shared_memory sent twice (name, then offset): protobuf merges the two; so does parse.
+    first = reward_pb2.Image(shared_memory=reward_pb2.SharedMemorySlice(name="advgrpo-x")).SerializeToString()
+    second = reward_pb2.Image(shared_memory=reward_pb2.SharedMemorySlice(offset=8)).SerializeToString()
+    image = first + second
+    group = bytes([0x1A, len(image)]) + image
+    data = bytes([0x0A, len(group)]) + group
+    merged = wire.parse(ScoreRequest, data).groups[0].images[0].shared_memory
+    assert (merged.name, merged.offset) == ("advgrpo-x", 8)
 
 
 def test_what_the_fast_path_declines_protobuf_decides():

@@ -93,7 +93,7 @@ class AdvGrpoTrainer:
     def _setup_rewards(self) -> None:
         r = self.cfg.reward
         self.client = RewardClient(r.server, token=r.token, timeout_s=r.timeout_s, encoding=r.encoding,
-                                   keep_freed_memory=r.keep_freed_memory)
+                                   keep_freed_memory=r.keep_freed_memory, shared_memory=r.shared_memory)
         try:
             self.client.wait_ready(timeout_s=r.connect_timeout_s)
             models = {m.name: m for m in self.client.list_models()}

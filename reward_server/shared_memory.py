@@ -1,0 +1,150 @@
+"""Image bytes passed through POSIX shared memory by a client on the server's host.
+
+The socket then carries only the request's small fields: the client writes its pixels once into
+a segment it owns (``/dev/shm/advgrpo-...``), and the server copies them out of it while decoding
+(``SharedMemoryReader.read``). Copying out, rather than scoring from the mapping, means nothing
+the server keeps (a cached feature, a queued batch) can see the client reuse the segment.
+
+The client side (``SharedMemoryArena``) depends only on the standard library and numpy: the
+client library must not import the server's torch-heavy modules. Linux only (``/dev/shm``); in
+containers, server and trainer need the same /dev/shm (``ipc: host`` or a shared volume).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import threading
+import uuid
+from collections import OrderedDict
+from multiprocessing import shared_memory
+from pathlib import Path
+
+from .errors import FailedPrecondition, InvalidArgument
+
+PREFIX = "advgrpo-"
+SHM_DIR = Path("/dev/shm")
+_NAME = re.compile(r"advgrpo-[A-Za-z0-9_.-]{1,200}")
+
+
+class SharedMemoryReader:
+    """Server side: maps client segments read-only (cached, by name and inode) and copies slices out."""
+
+    def __init__(self, root: Path = SHM_DIR, max_mappings: int = 64):
+        self.root = root
+        self.max_mappings = max_mappings
+        self._maps: OrderedDict[str, tuple[int, mmap.mmap]] = OrderedDict()  # name -> (inode, map)
+        self._lock = threading.Lock()  # decoding may run on the event loop and in a worker thread
+
+    def read(self, name: str, offset: int, size: int, where: str) -> bytes:
+        if not _NAME.fullmatch(name):
+            raise InvalidArgument(
+                f"{where}.shared_memory.name: {name!r} is not a segment name this server reads "
+                f"(expected {PREFIX}[A-Za-z0-9_.-]+)"
+            )
+        with self._lock:
+            mapping = self._mapping(name, where)
+            if offset + size > len(mapping):
+                raise InvalidArgument(
+                    f"{where}.shared_memory: offset {offset} + size {size} is past the end of segment "
+                    f"{name!r} ({len(mapping)} bytes)"
+                )
+            return mapping[offset : offset + size]  # a copy: the client may reuse the segment after we answer
+
+    def _mapping(self, name: str, where: str) -> mmap.mmap:
+        path = self.root / name
+        try:
+            inode = os.stat(path).st_ino
+        except FileNotFoundError:
+            raise InvalidArgument(
+                f"{where}.shared_memory.name: no shared-memory segment {name!r} on the server's host "
+                f"(is the client on another host or in another IPC namespace?)"
+            ) from None
+        cached = self._maps.get(name)
+        if cached is not None and cached[0] == inode:
+            self._maps.move_to_end(name)
+            return cached[1]
+        if cached is not None:  # the client replaced the segment (a new one under the same name)
+            cached[1].close()
+            del self._maps[name]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise InvalidArgument(f"{where}.shared_memory.name: segment {name!r} is empty")
+            # MAP_POPULATE: fault the pages in with one call instead of one fault per page.
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._maps[name] = (inode, mapping)
+        while len(self._maps) > self.max_mappings:
+            _, (_, old) = self._maps.popitem(last=False)
+            old.close()
+        return mapping
+
+    def close(self) -> None:
+        with self._lock:
+            for _, mapping in self._maps.values():
+                mapping.close()
+            self._maps.clear()
+
+
+def read_shared(reader: SharedMemoryReader | None, ref, where: str) -> bytes:
+    """The bytes an Image's ``shared_memory`` names; FAILED_PRECONDITION where the server has it off."""
+    if reader is None:
+        raise FailedPrecondition(
+            f"{where}.shared_memory: this server does not read shared memory (server.shared_memory: false)"
+        )
+    return reader.read(ref.name, int(ref.offset), int(ref.size), where)
+
+
+class SharedMemoryArena:
+    """Client side: one segment this process owns, refilled for every request (one at a time).
+
+    ``place`` copies a request's image bytes into the segment (growing it by replacing it with a
+    bigger one) and returns where each landed. ``discard`` drops the segment, e.g. after a failed
+    call, so a server still reading it never sees it rewritten. Python's resource tracker unlinks
+    the segment should this process die without ``close``.
+    """
+
+    ALIGN = 64
+
+    def __init__(self) -> None:
+        self._shm: shared_memory.SharedMemory | None = None
+        self.lock = threading.Lock()  # held by the call using the segment
+
+    @property
+    def name(self) -> str | None:
+        return self._shm.name if self._shm is not None else None
+
+    def place(self, chunks: list) -> list[tuple[str, int, int]]:
+        """Copies each bytes-like of ``chunks`` into the segment; (name, offset, size) of each."""
+        offsets, total = [], 0
+        for data in chunks:
+            offsets.append(total)
+            total += -(-len(data) // self.ALIGN) * self.ALIGN
+        if self._shm is None or self._shm.size < total:
+            self.discard()
+            capacity = max(total, 1 << 20)
+            self._shm = shared_memory.SharedMemory(
+                name=f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True, size=capacity
+            )
+        buf = self._shm.buf
+        for data, offset in zip(chunks, offsets):
+            n = len(data)
+            if n:
+                buf[offset : offset + n] = data
+        name = self._shm.name.lstrip("/")
+        return [(name, offset, len(data)) for data, offset in zip(chunks, offsets)]
+
+    def discard(self) -> None:
+        if self._shm is not None:
+            shm, self._shm = self._shm, None
+            shm.close()
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    close = discard

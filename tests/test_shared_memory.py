@@ -1,0 +1,168 @@
+"""Image bytes through /dev/shm for clients on the server's host (reward_server.shared_memory)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
+from reward_server.client import Group, RewardClient
+from reward_server.errors import InvalidArgument
+from reward_server.shared_memory import SHM_DIR, SharedMemoryReader
+
+from .conftest import noise_image, smooth_image
+
+pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm (Linux)")
+
+
+def groups(seed: int, n_groups: int = 3, per_group: int = 4) -> list[Group]:
+    rng = np.random.default_rng(seed)
+    return [
+        Group(f'a sign saying "{i}"', [smooth_image(rng, 48 + 8 * j) for j in range(per_group)], f"g{i}")
+        for i in range(n_groups)
+    ]
+
+
+def our_segments() -> set[str]:
+    return {p.name for p in SHM_DIR.glob(f"advgrpo-{os.getpid()}-*")}
+
+
+@pytest.fixture(scope="module")
+def clients(tiny_server):
+    inline = RewardClient(tiny_server.target, timeout_s=60)
+    inline.wait_ready(60)
+    shared = RewardClient(tiny_server.target, timeout_s=60, shared_memory=True)
+    yield inline, shared
+    inline.close()
+    shared.close()
+
+
+def test_scores_through_shared_memory_equal_inline_scores(clients):
+    inline, shared = clients
+    weights = {"dino": 1.0, "pickscore": 0.5, "ocr": 0.25}
+    for seed in range(2):
+        want = inline.score(groups(seed), weights)
+        got = shared.score(groups(seed), weights)
+        assert got == want  # rewards, components and versions, exactly
+    assert len(our_segments()) == 1  # one segment, reused by every call
+
+
+def test_update_through_shared_memory(clients):
+    inline, shared = clients
+    rng = np.random.default_rng(5)
+    refs = [Group("r", [smooth_image(rng) for _ in range(4)])]
+    gens = [Group("g", [noise_image(rng) for _ in range(4)])]
+    before = {m.name: m.version for m in inline.list_models()}["dino"]
+    result = shared.update_discriminator("dino", refs, gens, steps=2)
+    assert result.version == before + 1 and not result.replayed
+    # The server read the same pixels: scoring them inline now gives the reported means.
+    ref_scores = inline.score(refs, {"dino": 1.0})[0].rewards
+    assert np.mean(ref_scores) == pytest.approx(result.reference_score, abs=1e-5)
+
+
+def test_concurrent_calls_share_the_client_safely(clients):
+    inline, shared = clients
+    want = inline.score(groups(9), {"dino": 1.0})
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(shared.score(groups(9), {"dino": 1.0}))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 12
+    assert all(r == want for r in results)  # calls that found the segment busy went inline
+
+
+def test_bad_references_get_clear_statuses(tiny_server):
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    segment = shared_memory.SharedMemory(name=f"advgrpo-{os.getpid()}-test", create=True, size=4096)
+    try:
+        segment.buf[:48] = bytes(range(48))
+        channel = grpc.insecure_channel(tiny_server.target)
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+
+        def request(name: str, offset: int = 0, size: int = 48, data: bytes = b""):
+            image = reward_pb2.Image(
+                encoding=reward_pb2.ENCODING_RAW_RGB8, height=4, width=4, data=data,
+                shared_memory=reward_pb2.SharedMemorySlice(name=name, offset=offset, size=size),
+            )
+            return reward_pb2.ScoreRequest(
+                groups=[reward_pb2.ImageGroup(prompt="p", images=[image])], weights={"dino": 1.0}
+            )
+
+        def status(req) -> tuple[grpc.StatusCode, str]:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Score(req, timeout=60)
+            return info.value.code(), info.value.details()
+
+        ok = stub.Score(request(segment.name), timeout=60)
+        assert len(ok.groups[0].rewards) == 1
+        for bad, fragment in (
+            (request("../etc/passwd"), "is not a segment name"),
+            (request("advgrpo-no-such-segment"), "no shared-memory segment"),
+            (request(segment.name, offset=4090), "past the end"),
+            (request(segment.name, size=47), "47 bytes"),
+            (request(segment.name, data=bytes(48)), "not both"),
+        ):
+            code, details = status(bad)
+            assert code == IA and fragment in details and "groups[0].images[0]" in details, details
+        assert len(stub.Score(request(segment.name), timeout=60).groups[0].rewards) == 1  # still serving
+        channel.close()
+    finally:
+        segment.close()
+        segment.unlink()
+
+
+def test_a_server_with_shared_memory_off_refuses_it(start_server, tmp_path):
+    config = tmp_path / "server.yaml"
+    config.write_text("server:\n  shared_memory: false\n")
+    server = start_server("--preset", "noop", "--config", str(config), "--no-http")
+    before = our_segments()  # other tests' clients may hold theirs
+    with RewardClient(server.target, timeout_s=60, shared_memory=True) as client:
+        client.wait_ready(60)
+        with pytest.raises(grpc.RpcError) as info:
+            client.score(groups(0, 1, 1))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "server.shared_memory" in info.value.details()
+        assert our_segments() == before, "a failed call drops its segment"
+
+
+def test_client_removes_its_segment_on_close(tiny_server):
+    client = RewardClient(tiny_server.target, timeout_s=60, shared_memory=True)
+    before = our_segments()
+    client.score(groups(1, 1, 2), {"dino": 1.0})
+    assert len(our_segments() - before) == 1
+    client.close()
+    assert our_segments() == before
+
+
+def test_reader_remaps_a_replaced_segment_and_bounds_its_mappings(tmp_path: Path):
+    reader = SharedMemoryReader(root=tmp_path, max_mappings=2)
+    (tmp_path / "advgrpo-a").write_bytes(b"first contents")
+    assert reader.read("advgrpo-a", 0, 5, "x") == b"first"
+    replacement = tmp_path / "advgrpo-a.new"
+    replacement.write_bytes(b"second!")
+    replacement.replace(tmp_path / "advgrpo-a")  # a new inode under the same name
+    assert reader.read("advgrpo-a", 0, 6, "x") == b"second"
+    for name in ("advgrpo-b", "advgrpo-c"):
+        (tmp_path / name).write_bytes(name.encode())
+        assert reader.read(name, 8, 1, "x") == name[-1].encode()
+    assert len(reader._maps) == 2
+    (tmp_path / "advgrpo-empty").write_bytes(b"")
+    with pytest.raises(InvalidArgument, match="empty"):
+        reader.read("advgrpo-empty", 0, 0, "x")
+    reader.close()
