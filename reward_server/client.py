@@ -180,7 +180,7 @@ class RewardClient:
         encoded = [self._encode_group(g, i) for i, g in enumerate(groups)]
         results: list[_Part] = []
         with self._segment() as arena:
-            for request, parts in self._requests(encoded, weights, shared=arena is not None):
+            for request, parts in self._requests(encoded, weights):
                 response = self._call_images(self._score, request, arena)
                 results.extend(_collect(response, parts))
         merged = _merge_parts(results)
@@ -279,16 +279,9 @@ class RewardClient:
         images = [encode_image_parts(img, self.encoding) for img in group.images]
         return _Encoded(index, group.group_id or str(index), group.prompt, images)
 
-    def _requests(
-        self, encoded: Sequence["_Encoded"], weights, shared: bool = False
-    ) -> Iterator[tuple["_ScoreBatch", list]]:
+    def _requests(self, encoded: Sequence["_Encoded"], weights) -> Iterator[tuple["_ScoreBatch", list]]:
         """Packs groups into requests below the chunk budget, splitting groups that are too big.
-        Sizes are summed from the image bytes (protobuf's ByteSize() walks 12 MB per call).
-        ``shared``: the bytes go through shared memory, so only the request's count limit applies:
-        one request for all the groups."""
-        if shared and sum(len(e.images) for e in encoded) <= _MAX_SHARED_IMAGES:
-            yield _ScoreBatch(list(encoded), dict(weights or {})), [(e.index, 0) for e in encoded]
-            return
+        Sizes are summed from the image bytes (protobuf's ByteSize() walks 12 MB per call)."""
         batch = _ScoreBatch([], dict(weights or {}))
         parts: list[tuple[int, int]] = []  # (group index, part number) per group in the request
         size = 0
@@ -374,10 +367,6 @@ def _place_groups(groups: list["_Encoded"], arena: SharedMemoryArena) -> list["_
         _Encoded(g.index, g.group_id, g.prompt, [(e, h, w, _SharedRef(*next(refs))) for e, h, w, _ in g.images])
         for g in groups
     ]
-
-
-# The server's default max_images_per_request: one shared-memory Score request carries at most this.
-_MAX_SHARED_IMAGES = 1024
 
 
 @dataclass

@@ -74,8 +74,8 @@ def decode_image(
 
 
 def _image_bytes(msg: reward_pb2.Image, where: str, shm: SharedMemoryReader | None):
-    ref = getattr(msg, "shared_memory", None)  # absent from JSON-built dicts of older clients
-    if ref is None or not ref.name:
+    ref = msg.shared_memory
+    if not ref.name:
         return msg.data
     if len(msg.data):
         raise InvalidArgument(f"{where}: set data or shared_memory, not both")

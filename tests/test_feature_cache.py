@@ -16,7 +16,7 @@ from reward_server.client import Group, RewardClient
 from reward_server.config import PRESETS, DinoParams, load_config
 from reward_server.errors import ConfigError
 from reward_server.feature_cache import FeatureCache
-from reward_server.models.base import content_digest, content_seed, digest_seed
+from reward_server.models.base import content_digest, content_seed, digest_seeds
 from reward_server.models.dino import DinoDiscriminator
 
 from .conftest import noise_image, smooth_image
@@ -118,9 +118,10 @@ def test_content_digest_names_content():
     # The digest is SHA-256 over shape and pixels; the patch seed comes from the digest and a salt.
     h = hashlib.sha256(np.asarray(img.shape, dtype=np.int64).tobytes() + img.tobytes())
     assert content_digest(img) == h.digest()[:16]
-    assert content_seed(img, 7) == digest_seed(content_digest(img), 7)
+    assert [content_seed(img, 7)] == digest_seeds([content_digest(img)], 7)
     assert content_seed(img, 7) != content_seed(img, 8) and 0 <= content_seed(img, 7) < 1 << 63
-    assert len({digest_seed(bytes([i]) * 16, salt) for i in range(16) for salt in (-1, 0, 1, 2**40)}) == 64
+    assert len(set(digest_seeds([bytes([i]) * 16 for i in range(16)] * 4, 0))) == 16
+    assert len({s for salt in (-1, 0, 1, 2**40) for s in digest_seeds([bytes([i]) * 16 for i in range(16)], salt)}) == 64
 
 
 def test_config_field_is_validated():

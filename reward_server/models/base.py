@@ -115,18 +115,30 @@ def content_digest(image: Image) -> bytes:
 _M64 = (1 << 64) - 1
 
 
-def digest_seed(digest: bytes, salt: int = 0) -> int:
-    """A 63-bit seed from a content digest and a salt (e.g. the model's seed): SplitMix64's
-    finaliser over the digest's first 8 bytes and the salt (the digest's bits are uniform already)."""
-    x = (int.from_bytes(digest[:8], "little") + (salt & _M64) * 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over a uint64 array (wrapping arithmetic): a bijective bit mixer."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def mix_seeds(seeds: Sequence[int], *values: int) -> list[int]:
+    """63-bit seeds derived from each of ``seeds`` and ``values`` (e.g. a model's seed, version, step)."""
+    x = np.asarray([s & _M64 for s in seeds], dtype=np.uint64)
+    for v in values:
+        x = splitmix64(x ^ splitmix64(np.asarray([v & _M64], dtype=np.uint64)))
+    return (x & np.uint64((1 << 63) - 1)).tolist()
+
+
+def digest_seeds(digests: Sequence[bytes], salt: int = 0) -> list[int]:
+    """63-bit seeds from content digests (their first 8 bytes, uniform already) and a salt."""
+    return mix_seeds([int.from_bytes(d[:8], "little") for d in digests], salt)
 
 
 def content_seed(image: Image, salt: int = 0) -> int:
     """A 63-bit seed from the image's pixels: the same image always samples the same patches."""
-    return digest_seed(content_digest(image), salt)
+    return digest_seeds([content_digest(image)], salt)[0]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -47,8 +47,10 @@ from .base import (
     check_images,
     check_prompts,
     content_digest,
-    digest_seed,
+    digest_seeds,
+    mix_seeds,
     resolve_device,
+    splitmix64,
 )
 
 __all__ = [
@@ -73,22 +75,6 @@ _FINGERPRINT_META = "fingerprint"
 # Pure math
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser over a uint64 array (wrapping arithmetic): a bijective bit mixer."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def mix_seeds(seeds: Sequence[int], *values: int) -> list[int]:
-    """63-bit seeds derived from each of ``seeds`` and ``values`` (e.g. model version and step)."""
-    x = np.asarray(seeds, dtype=np.uint64)
-    for v in values:
-        x = _splitmix64(x ^ _splitmix64(np.asarray([v], dtype=np.uint64)))
-    return (x & np.uint64((1 << 63) - 1)).tolist()
-
-
 def mix_seed(seed: int, *values: int) -> int:
     """``mix_seeds`` for one seed."""
     return mix_seeds([seed], *values)[0]
@@ -108,8 +94,8 @@ def sample_patch_index(
         raise ValueError(f"k must be in 1..{n_patches}, got {k}")
     if len(seeds) == 0:
         return torch.empty(0, k, dtype=torch.long, device=device)
-    base = _splitmix64(np.asarray(seeds, dtype=np.uint64).reshape(-1, 1))
-    keys = _splitmix64(base ^ np.arange(n_patches, dtype=np.uint64))
+    base = splitmix64(np.asarray(seeds, dtype=np.uint64).reshape(-1, 1))
+    keys = splitmix64(base ^ np.arange(n_patches, dtype=np.uint64))
     if k < n_patches:
         picked = np.argpartition(keys, k - 1, axis=1)[:, :k]
         order = np.argsort(np.take_along_axis(keys, picked, axis=1), axis=1)
@@ -297,7 +283,7 @@ class DinoDiscriminator(TrainableRewardModel):
         """Each image's content digest (its cache key) and its patch-sampling seed, from one pass
         over the original uint8 pixels (before any resizing)."""
         keys = [content_digest(img) for img in images]
-        return keys, [digest_seed(key, self.params.seed) for key in keys]
+        return keys, digest_seeds(keys, self.params.seed)
 
     @torch.no_grad()
     def _rewards(self, tokens: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
