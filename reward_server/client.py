@@ -90,6 +90,9 @@ class RewardClient:
         retry: RetryPolicy | None = None,
         keep_freed_memory: bool = False,
         shared_memory: bool = False,
+        parallel_calls: int = 4,
+        min_call_bytes: int = 4 << 20,
+        max_rescores: int = 3,
     ):
         """``keep_freed_memory``: tune this process's glibc allocator to keep freed buffers (see
         reward_server.allocator); it makes raw image transfers much cheaper, process-wide.
@@ -98,7 +101,19 @@ class RewardClient:
         ``update_discriminator`` pass the image bytes through a shared-memory segment this client
         owns instead of the socket (the server must have ``server.shared_memory`` on, the
         default). One call at a time uses the segment; a concurrent call from another thread
-        sends its bytes inline. Streams always send inline."""
+        sends its bytes inline. Streams always send inline.
+
+        ``parallel_calls``, ``min_call_bytes``: ``score`` divides a payload of at least
+        2·``min_call_bytes`` of image bytes into up to ``parallel_calls`` Score calls of at least
+        ``min_call_bytes`` each and keeps them in flight at once, so that this process copying one
+        part, the socket, and the server reading another overlap (bench/transport.py). 1 turns
+        it off. Each image's reward does not depend on which call carried it.
+
+        ``max_rescores``: a group whose parts (split across calls) came back under different
+        model versions, because a discriminator update landed between them, is scored again, up
+        to this many times; then ``score`` raises rather than mix versions within a group."""
+        if parallel_calls < 1 or min_call_bytes < 1 or max_rescores < 0:
+            raise ValueError("parallel_calls and min_call_bytes must be >= 1, max_rescores >= 0")
         if keep_freed_memory:
             from .allocator import keep_freed_memory as _keep
 
@@ -109,6 +124,9 @@ class RewardClient:
         self.retry = retry or RetryPolicy()
         # Leave headroom below the limit for the non-image fields of a request.
         self.chunk_bytes = max(1024, int(max_message_bytes * 0.9))
+        self.parallel_calls = parallel_calls
+        self.min_call_bytes = min_call_bytes
+        self.max_rescores = max_rescores
         self._arena = SharedMemoryArena() if shared_memory else None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
@@ -176,17 +194,44 @@ class RewardClient:
         return [ModelInfo(m.name, m.kind, m.trainable, m.version, m.default_weight) for m in response.models]
 
     def score(self, groups: Sequence[Group], weights: dict[str, float] | None = None) -> list[GroupScore]:
-        """Scores groups (one unary call per message-sized chunk); results in the order given."""
-        encoded = [self._encode_group(g, i) for i, g in enumerate(groups)]
-        results: list[_Part] = []
+        """Scores groups (message-sized chunks, several calls in flight for big payloads);
+        results in the order given. A group is always scored under one version of each model."""
+        scores, straddled = self._score_once(list(enumerate(groups)), weights)
+        for _ in range(self.max_rescores):
+            if not straddled:
+                break
+            log.info("reward server %s: %d split group(s) straddled a model update; scoring them again",
+                     self.target, len(straddled))
+            again, still = self._score_once([(i, groups[i]) for i in straddled], weights)
+            for i, s in zip(straddled, again):
+                scores[i] = s
+            straddled = [straddled[j] for j in still]
+        if straddled:
+            raise RuntimeError(
+                f"groups {straddled}: parts scored under different model versions "
+                f"{1 + self.max_rescores} times (discriminator updates keep landing between them)"
+            )
+        return scores
+
+    def _score_once(
+        self, indexed: list[tuple[int, Group]], weights: dict[str, float] | None
+    ) -> tuple[list[GroupScore], list[int]]:
+        """One pass over ``indexed`` (caller's index, group): the scores in that order, and the
+        positions (into ``indexed``) of split groups whose parts saw different model versions."""
+        encoded = [self._encode_group(g, i) for i, g in indexed]
         with self._segment() as arena:
-            for request, parts in self._requests(encoded, weights):
-                response = self._call_images(self._score, request, arena)
-                results.extend(_collect(response, parts))
-        merged = _merge_parts(results)
-        if len(merged) != len(groups):
-            raise RuntimeError(f"expected scores for {len(groups)} groups, got {len(merged)}")
-        return merged
+            budget = self.chunk_bytes if arena is not None else self._call_budget(encoded)
+            requests = list(self._requests(encoded, weights, budget))
+            if arena is None and len(requests) > 1 and self.parallel_calls > 1:
+                responses = self._call_concurrently(self._score, [r for r, _ in requests])
+            else:
+                responses = [self._call_images(self._score, r, arena) for r, _ in requests]
+        results = [p for response, (_, parts) in zip(responses, requests) for p in _collect(response, parts)]
+        merged, straddled = _merge_parts(results)
+        if len(merged) != len(indexed):
+            raise RuntimeError(f"expected scores for {len(indexed)} groups, got {len(merged)}")
+        position = {index: k for k, (index, _) in enumerate(indexed)}
+        return merged, sorted(position[i] for i in straddled)
 
     def score_stream(
         self, groups: Iterable[Group], weights: dict[str, float] | None = None
@@ -200,7 +245,7 @@ class RewardClient:
             for g in groups:
                 index = counter[0]
                 counter[0] += 1
-                for request, parts in self._requests([self._encode_group(g, index)], weights):
+                for request, parts in self._requests([self._encode_group(g, index)], weights, self.chunk_bytes):
                     parts_fifo.append(parts)
                     yield request
 
@@ -208,11 +253,11 @@ class RewardClient:
         for response in self._score_stream(requests(), metadata=self._metadata, timeout=None):
             for part in _collect(response, parts_fifo.pop(0)):
                 if pending and part.index != pending[0].index:
-                    yield _merge_parts(pending)[0]
+                    yield _merge_stream_parts(pending)
                     pending = []
                 pending.append(part)
         if pending:
-            yield _merge_parts(pending)[0]
+            yield _merge_stream_parts(pending)
 
     def update_discriminator(
         self,
@@ -251,6 +296,43 @@ class RewardClient:
                 backoff = min(backoff * policy.multiplier, policy.max_backoff_s)
         raise AssertionError("unreachable")
 
+    def _call_concurrently(self, method, requests: list) -> list:
+        """The responses to ``requests``, in order, with up to ``parallel_calls`` in flight.
+        A call that fails with a retryable status is retried alone (``_call``, with backoff);
+        any other failure cancels the calls still running and is raised."""
+        responses: list = [None] * len(requests)
+        running: list[tuple[int, Any]] = []
+        next_up = 0
+        try:
+            while next_up < len(requests) or running:
+                while next_up < len(requests) and len(running) < self.parallel_calls:
+                    future = method.future(requests[next_up], timeout=self.timeout_s, metadata=self._metadata)
+                    running.append((next_up, future))
+                    next_up += 1
+                k, future = running.pop(0)
+                try:
+                    responses[k] = future.result()
+                except grpc.RpcError as exc:
+                    if exc.code() not in self.retry.retryable:
+                        raise
+                    responses[k] = self._call(method, requests[k])
+        finally:
+            for _, future in running:
+                future.cancel()
+        return responses
+
+    def _call_budget(self, encoded: Sequence["_Encoded"]) -> int:
+        """Bytes per Score call for ``encoded``: the message budget, or for a payload worth
+        dividing, about 1/n of it (n <= parallel_calls, each part >= min_call_bytes) plus one
+        image and a group header, so the packing of ``_requests`` ends with at most n calls."""
+        total = sum(e.nbytes() for e in encoded)
+        n = min(self.parallel_calls, total // self.min_call_bytes)
+        if n < 2:
+            return self.chunk_bytes
+        largest = max((len(data) + _FIELD_OVERHEAD for e in encoded for *_, data in e.images), default=0)
+        head = max(e.head_bytes() for e in encoded)
+        return min(self.chunk_bytes, -(-total // n) + largest + head)
+
     @contextlib.contextmanager
     def _segment(self) -> Iterator[SharedMemoryArena | None]:
         """This client's shared-memory arena, held for the block, if it has one and no other
@@ -279,21 +361,41 @@ class RewardClient:
         images = [encode_image_parts(img, self.encoding) for img in group.images]
         return _Encoded(index, group.group_id or str(index), group.prompt, images)
 
-    def _requests(self, encoded: Sequence["_Encoded"], weights) -> Iterator[tuple["_ScoreBatch", list]]:
-        """Packs groups into requests below the chunk budget, splitting groups that are too big.
-        Sizes are summed from the image bytes (protobuf's ByteSize() walks 12 MB per call)."""
+    def _requests(
+        self, encoded: Sequence["_Encoded"], weights, budget: int
+    ) -> Iterator[tuple["_ScoreBatch", list]]:
+        """Packs groups into requests of at most ``budget`` bytes, in order, filling each request
+        image by image: a group that does not fit the room left is split there (one image always
+        goes, so an image bigger than the budget travels alone). Every request but the last thus
+        holds more than ``budget`` minus one image. Sizes are summed from the image bytes
+        (protobuf's ByteSize() walks 12 MB per call)."""
         batch = _ScoreBatch([], dict(weights or {}))
         parts: list[tuple[int, int]] = []  # (group index, part number) per group in the request
         size = 0
         for enc in encoded:
-            for part_no, piece in enumerate(enc.split(self.chunk_bytes)):
-                piece_size = piece.nbytes()
-                if parts and size + piece_size > self.chunk_bytes:
-                    yield batch, parts
+            head, images = enc.head_bytes(), enc.images
+            start = part_no = 0
+            while True:
+                taken, piece_size = start, head  # images[start:taken] fit the room left
+                while taken < len(images):
+                    image_size = len(images[taken][3]) + _FIELD_OVERHEAD
+                    if size + piece_size + image_size > budget:
+                        break
+                    piece_size += image_size
+                    taken += 1
+                if taken == start and parts and (start < len(images) or size + head > budget):
+                    yield batch, parts  # no room left: the rest goes in a new request
                     batch, parts, size = _ScoreBatch([], dict(weights or {})), [], 0
-                batch.groups.append(piece)
+                    continue
+                if taken == start < len(images):  # alone, and still over the budget: it goes anyway
+                    piece_size += len(images[taken][3]) + _FIELD_OVERHEAD
+                    taken += 1
+                batch.groups.append(_Encoded(enc.index, enc.group_id, enc.prompt, images[start:taken]))
                 parts.append((enc.index, part_no))
                 size += piece_size
+                start, part_no = taken, part_no + 1
+                if start >= len(images):
+                    break
         if parts:
             yield batch, parts
 
@@ -430,25 +532,13 @@ class _Encoded:
     prompt: str
     images: list[tuple[int, int, int, Any]]  # (encoding, height, width, data: bytes-like or _SharedRef)
 
+    def head_bytes(self) -> int:
+        """An upper bound of the serialised ImageGroup's size without its images."""
+        return len(self.group_id.encode()) + len(self.prompt.encode()) + 2 * _FIELD_OVERHEAD
+
     def nbytes(self) -> int:
         """An upper bound of the serialised ImageGroup's size."""
-        text = len(self.group_id.encode()) + len(self.prompt.encode()) + 2 * _FIELD_OVERHEAD
-        return text + sum(len(data) + _FIELD_OVERHEAD for *_, data in self.images)
-
-    def split(self, budget: int) -> list["_Encoded"]:
-        """Pieces of this group (same id and prompt) that each fit ``budget``, images in order."""
-        if self.nbytes() <= budget:
-            return [self]
-        pieces: list[_Encoded] = []
-        current: list[tuple[int, int, int, bytes | memoryview]] = []
-        for image in self.images:
-            candidate = _Encoded(self.index, self.group_id, self.prompt, current + [image])
-            if current and candidate.nbytes() > budget:
-                pieces.append(_Encoded(self.index, self.group_id, self.prompt, current))
-                current = []
-            current.append(image)
-        pieces.append(_Encoded(self.index, self.group_id, self.prompt, current))
-        return pieces
+        return self.head_bytes() + sum(len(data) + _FIELD_OVERHEAD for *_, data in self.images)
 
     def add_to(self, groups) -> None:
         """Appends this group to a repeated ImageGroup field (images set in place, no extra copy)."""
@@ -482,21 +572,32 @@ def _collect(response: reward_pb2.ScoreResponse, parts: list[tuple[int, int]]) -
     ]
 
 
-def _merge_parts(parts: list[_Part]) -> list[GroupScore]:
-    """Stitches the pieces of split groups back together, in group order."""
+def _merge_parts(parts: list[_Part]) -> tuple[list[GroupScore], list[int]]:
+    """Stitches the pieces of split groups back together, in group order; also the indices of
+    groups whose pieces were scored under different model versions (an update between calls)."""
     by_index: dict[int, list[_Part]] = {}
     for p in parts:
         by_index.setdefault(p.index, []).append(p)
-    merged = []
+    merged, straddled = [], []
     for index in sorted(by_index):
         pieces = [p.score for p in sorted(by_index[index], key=lambda p: p.part)]
         first = pieces[0]
         for p in pieces[1:]:
+            if p.model_versions != first.model_versions:
+                straddled.append(index)
             first.rewards.extend(p.rewards)
             for k, v in p.components.items():
                 first.components[k].extend(v)
             for k, v in p.model_versions.items():
-                # A split group may straddle an update: report the newest version involved.
-                first.model_versions[k] = max(first.model_versions[k], v)
+                first.model_versions[k] = max(first.model_versions.get(k, v), v)
         merged.append(first)
+    return merged, sorted(set(straddled))
+
+
+def _merge_stream_parts(parts: list[_Part]) -> GroupScore:
+    """One streamed group's pieces. A stream cannot re-send a group, so a group that straddled an
+    update is reported under the newest version involved, and logged."""
+    (merged,), straddled = _merge_parts(parts)
+    if straddled:
+        log.warning("group %r: its parts were scored under different model versions", merged.group_id)
     return merged

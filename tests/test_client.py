@@ -75,20 +75,48 @@ def test_encode_accepts_pil_arrays_and_tensors_and_round_trips():
         encode_image(img, "webp")
 
 
-def test_split_keeps_every_piece_under_budget_and_in_order():
+def test_requests_fill_image_by_image_under_budget_and_in_order():
     from advgrpo.reward.v1 import reward_pb2
 
     client = RewardClient("127.0.0.1:1")
-    images = [np.full((10, 10, 3), i, np.uint8) for i in range(7)]  # 300 B each raw
-    encoded = client._encode_group(Group("p", images, "g"), 0)
-    pieces = encoded.split(1000)
-    assert len(pieces) > 1
-    for piece in pieces:
-        msg = reward_pb2.ScoreRequest()
-        piece.add_to(msg.groups)
-        assert msg.groups[0].ByteSize() <= piece.nbytes() <= 1000  # the estimate is an upper bound
-        assert msg.groups[0].group_id == "g" and msg.groups[0].prompt == "p"
-    assert [data[0] for p in pieces for *_, data in p.images] == list(range(7))
+    groups = [
+        client._encode_group(Group(f"p{g}", [np.full((10, 10, 3), 10 * g + i, np.uint8) for i in range(n)], f"g{g}"), g)
+        for g, n in enumerate([7, 0, 3, 1])  # 300 B per raw image; group 1 is empty
+    ]
+    requests = list(client._requests(groups, {"m": 1.0}, 1000))
+    assert len(requests) > 1
+    seen: list[tuple[int, int]] = []
+    for batch, parts in requests:
+        msg = reward_pb2.ScoreRequest.FromString(batch.serialize())
+        assert msg.ByteSize() <= 1000 and dict(msg.weights) == {"m": 1.0}
+        assert [(g.group_id, g.prompt) for g in msg.groups] == [(f"g{i}", f"p{i}") for i, _ in parts]
+        seen += parts
+    # Each group's pieces in order, every image exactly once, the empty group sent too.
+    assert seen == sorted(seen) and {i for i, _ in seen} == {0, 1, 2, 3}
+    pixels = [data[0] for batch, _ in requests for g in batch.groups for *_, data in g.images]
+    assert pixels == [*range(7), 20, 21, 22, 30]
+    # All but the last request are full up to one image and a group header.
+    sizes = [sum(g.nbytes() for g in batch.groups) for batch, _ in requests]
+    assert all(s > 1000 - 300 - 100 for s in sizes[:-1])
+    # An image bigger than the budget travels alone rather than being refused here.
+    big = client._encode_group(Group("p", [np.zeros((20, 20, 3), np.uint8)]), 0)
+    assert [len(b.groups[0].images) for b, _ in client._requests([big, groups[3]], {}, 1000)] == [1, 1]
+    client.close()
+
+
+def test_call_budget_divides_big_payloads_into_at_most_parallel_calls():
+    client = RewardClient("127.0.0.1:1", parallel_calls=3, min_call_bytes=10_000)
+    rng = np.random.default_rng(0)
+    for sizes in ([16], [5, 11], [1] * 9, [3, 3, 3, 3, 4]):
+        groups = [
+            client._encode_group(Group("p", [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)] * n), i)
+            for i, n in enumerate(sizes)
+        ]  # 4800 B per image
+        budget = client._call_budget(groups)
+        assert budget < client.chunk_bytes
+        assert len(list(client._requests(groups, {}, budget))) == 3, sizes
+    small = [client._encode_group(Group("p", [np.zeros((40, 40, 3), np.uint8)] * 3), 0)]  # < 2 x 10 kB
+    assert client._call_budget(small) == client.chunk_bytes
     client.close()
 
 
