@@ -30,18 +30,20 @@ from .patch_score import _refuse_token_grad, _weight_grads, forward_rows, row_lo
 __all__ = ["HingeLossFunction", "check_target", "patch_hinge_loss_reference", "patch_hinge_loss_triton"]
 
 
-def check_target(target, batch: int, device: torch.device) -> torch.Tensor:
-    """target as fp32 [B] on ``device``; every value +1 or -1, with at least one of each."""
+def check_target(target, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """target as fp32 [B] on ``device`` (every value +1 or -1, at least one of each), and the
+    per-image weight ½/|its group| that makes the loss ½(mean over references + mean over
+    generations)."""
     t = torch.as_tensor(target, device=device).to(torch.float32).reshape(-1)
     if t.numel() != batch:
         raise ValueError(f"target must hold one value per image ({batch}), got {t.numel()}")
-    n_ref = int((t == 1).sum())
-    n_gen = int((t == -1).sum())
+    is_ref = t == 1
+    n_ref, n_gen = torch.stack([is_ref.sum(), (t == -1).sum()]).tolist()  # one device sync
     if n_ref + n_gen != batch:
         raise ValueError("target values must be +1 (reference) or -1 (generation)")
     if n_ref == 0 or n_gen == 0:
         raise ValueError(f"the hinge loss needs references and generations, got {n_ref} and {n_gen}")
-    return t
+    return t, torch.where(is_ref, 0.5 / n_ref, 0.5 / n_gen)
 
 
 class HingeLossFunction(torch.autograd.Function):
@@ -67,10 +69,8 @@ def patch_hinge_loss_triton(tokens, patch_index, target, w1, b1, w2, b2, patch_l
     """The Triton path. Inputs are validated by the caller; ``target`` by ``check_target``."""
     interpret = triton_mode(tokens)
     _refuse_token_grad(tokens)
-    t = check_target(target, tokens.shape[0], tokens.device)
-    is_ref = t > 0
     # Per-image weight ½/n_group (its CLS term; patches get patch_loss_weight/K of it in the kernel).
-    wimg = torch.where(is_ref, 0.5 / is_ref.sum(), 0.5 / (~is_ref).sum()).to(torch.float32)
+    t, wimg = check_target(target, tokens.shape[0], tokens.device)
     return HingeLossFunction.apply(
         tokens, patch_index, t, wimg, w1, b1, w2, b2, float(patch_loss_weight), bool(interpret)
     )
@@ -81,12 +81,13 @@ def patch_hinge_loss_reference(tokens, patch_index, target, w1, b1, w2, b2, patc
 
     ½(mean over references of relu(1 − D) + mean over generations of relu(1 + D)) for the CLS
     logits, plus ``patch_loss_weight`` × the same over every patch logit; written as one sum with
-    the per-image weight ½/|group| (as the kernel does), which needs no boolean indexing."""
-    t = check_target(target, tokens.shape[0], tokens.device)
+    the per-image weight ½/|group| (as the kernel does), which needs no boolean indexing: the
+    hinge margins [B, 1+K] times the slot weights (1 for CLS, patch_loss_weight/K per patch)
+    give each image's term, and the per-image weights sum them."""
+    t, wimg = check_target(target, tokens.shape[0], tokens.device)
     logits = row_logits_reference(tokens, patch_index, w1, b1, w2, b2)  # [B, 1+K]
-    is_ref = t > 0
-    n_ref = is_ref.sum()
-    weight = torch.where(is_ref, 0.5 / n_ref, 0.5 / (t.numel() - n_ref))
+    k = logits.shape[1] - 1
+    slot = torch.full((1 + k,), patch_loss_weight / k, dtype=torch.float32, device=logits.device)
+    slot[0] = 1.0
     margins = F.relu(1.0 - t[:, None] * logits)
-    per_image = margins[:, 0] + patch_loss_weight * margins[:, 1:].mean(dim=1)
-    return (weight * per_image).sum()
+    return wimg @ (margins @ slot)

@@ -573,9 +573,9 @@ def row_logits_reference(tokens, patch_index, w1, b1, w2, b2) -> torch.Tensor:
     ``reward_server.models.dino.head_scores``: gather, Linear, exact GELU, Linear, in fp32."""
     b, _, d = tokens.shape
     k = patch_index.shape[1]
-    idx = patch_index.long()
-    patches = tokens[:, 1:, :].gather(1, idx.unsqueeze(-1).expand(b, k, d))
-    picked = torch.cat([tokens[:, :1, :], patches], dim=1).to(torch.float32)
+    # Token ids of CLS (0) and the patches (1 + j): one gather picks all 1+K rows.
+    rows = F.pad(patch_index.long() + 1, (1, 0))
+    picked = tokens.gather(1, rows.unsqueeze(-1).expand(b, 1 + k, d)).to(torch.float32)
     hidden = F.gelu(F.linear(picked, w1.float(), b1.float()), approximate="none")
     return F.linear(hidden, w2.float().reshape(1, -1), b2.float().reshape(1)).squeeze(-1)
 

@@ -10,11 +10,11 @@ Threading: the host calls a model from one worker thread at a time, so models ne
 from __future__ import annotations
 
 import abc
-import hashlib
 import struct
 from dataclasses import dataclass
 from typing import Sequence
 
+import blake3
 import numpy as np
 import torch
 
@@ -101,15 +101,19 @@ class TrainableRewardModel(RewardModel):
 
 
 def content_digest(image: Image) -> bytes:
-    """16 bytes of SHA-256 over an image's shape and its pixels in C order: names content.
+    """16 bytes of BLAKE3 over an image's pixels in C order and its shape: names content.
 
     A copy in another memory layout has the same digest; the same bytes in another shape do not.
-    SHA-256 because CPUs hash it in hardware (SHA-NI: ~1.8 GB/s here, blake2b ~1 GB/s): a
-    feature-cache hit costs one pass over the pixels, and this is that pass.
+    BLAKE3 because it is a cryptographic hash (a crafted image cannot take another's cache entry)
+    that hashes several 1 KiB chunks at once in SIMD lanes: 4.1 GB/s on a 64² image and 8.2 GB/s
+    on a 512² one here, against 1.7-1.8 for SHA-256 with SHA-NI. Every scored image is hashed
+    (cache key and patch seed), so this pass is most of a feature-cache hit.
     """
-    h = hashlib.sha256(struct.pack(f"<{image.ndim}q", *image.shape))
-    h.update(image.data if image.flags.c_contiguous else np.ascontiguousarray(image).data)  # no copy
-    return h.digest()[:16]
+    # Pixels first, then shape and ndim (read from the end, the encoding is unambiguous): the
+    # pixels start on a chunk boundary, where BLAKE3's SIMD path runs (a prefix costs ~70%).
+    h = blake3.blake3(image.data if image.flags.c_contiguous else np.ascontiguousarray(image).data)  # no copy
+    h.update(struct.pack(f"<{image.ndim}qB", *image.shape, image.ndim))
+    return h.digest(16)
 
 
 _M64 = (1 << 64) - 1
@@ -123,11 +127,19 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _splitmix64_int(v: int) -> int:
+    """``splitmix64`` of one Python int (cheaper than a one-element array)."""
+    v = (v + 0x9E3779B97F4A7C15) & _M64
+    v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & _M64
+    return v ^ (v >> 31)
+
+
 def mix_seeds(seeds: Sequence[int], *values: int) -> list[int]:
     """63-bit seeds derived from each of ``seeds`` and ``values`` (e.g. a model's seed, version, step)."""
     x = np.asarray([s & _M64 for s in seeds], dtype=np.uint64)
     for v in values:
-        x = splitmix64(x ^ splitmix64(np.asarray([v & _M64], dtype=np.uint64)))
+        x = splitmix64(x ^ np.uint64(_splitmix64_int(v & _M64)))
     return (x & np.uint64((1 << 63) - 1)).tolist()
 
 
