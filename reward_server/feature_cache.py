@@ -14,7 +14,8 @@ preprocessing and the backbone.
   evicts least recently used entries until the new one fits; an entry larger than the whole
   budget is not cached. ``get`` hits refresh recency.
 - ``max_bytes == 0`` disables the cache: ``get`` finds nothing, ``put`` stores nothing, and the
-  counters stay at zero (a model skips hashing altogether when ``enabled`` is false).
+  counters stay at zero (the DINO model hashes every image anyway: the digest seeds its patch
+  sampling).
 
 Threading: the host runs each model's calls on one worker thread, so lookups and inserts never
 race; the host (or a /metrics scrape) may read ``stats()`` from another thread, and a single lock
