@@ -9,8 +9,9 @@ Compared side by side, in one run, interleaved round by round:
   that sends one message per group gets;
 * ours, ``ScoreStream``: ``RewardClient.score_stream`` over 8 copies of the group; the per-group
   time is the stream's total time / 8 (the stream pipelines groups), over 8 such streams;
-* ours, unary ``Score`` with ``shared_memory=True``: the same call, the pixels passed through a
-  /dev/shm segment (for a trainer on the server's host); interleaved with the other two;
+* ours, unary ``Score`` and ``ScoreStream`` with ``shared_memory=True``: the same calls, the pixels
+  passed through /dev/shm segments (for a trainer on the server's host); interleaved with the
+  others;
 * baseline: Flow-GRPO's pickle-over-HTTP reward server (bench/pickle_baseline.py, a separate
   Flask/werkzeug process): JPEG q75 encode + pickle + HTTP POST + unpickle + JPEG decode.
 
@@ -163,11 +164,11 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
             assert len(scores) == GROUP_SIZE
             return dt
 
-        def ours_stream() -> float:
+        def ours_stream(c=client) -> float:
             """Per-group time of one stream of ``stream_groups`` groups: total time / groups."""
             t0 = time.perf_counter()
             n = 0
-            for score in client.score_stream(group for _ in range(stream_groups)):
+            for score in c.score_stream(group for _ in range(stream_groups)):
                 assert len(score.rewards) == GROUP_SIZE
                 n += 1
             assert n == stream_groups
@@ -179,6 +180,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
             ours_single()
             pickle_http()
         ours_stream()
+        ours_stream(shm_client)
 
         unary, pickled, shared, single = [], [], [], []
         encode_times.clear()
@@ -187,7 +189,10 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
             pickled.append(counted("baseline", base.proc.pid, pickle_http))
             shared.append(ours_shared())
             single.append(ours_single())
-        stream = [ours_stream() for _ in range(streams)]
+        stream, stream_shared = [], []
+        for _ in range(streams):  # interleaved
+            stream.append(ours_stream())
+            stream_shared.append(ours_stream(shm_client))
         client_profile = profile_calls(lambda: client.score([group]), calls=5)
 
         raw_bytes = sum(img.nbytes for img in images)
@@ -202,7 +207,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
 
     res_unary, res_pickle = summary_ms(unary), summary_ms(pickled)
     res_stream, res_shared = summary_ms(stream), summary_ms(shared)
-    res_single = summary_ms(single)
+    res_single, res_stream_shared = summary_ms(single), summary_ms(stream_shared)
     res_pickle["client_jpeg_pickle_encode_median_ms"] = summary_ms(encode_times)["median_ms"]
     return {
         "group": f"{GROUP_SIZE} images {SIDE}x{SIDE} RGB uint8",
@@ -214,6 +219,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
         "ours_unary_single_call": res_single,
         "ours_stream": res_stream,
         "ours_unary_shared_memory": res_shared,
+        "ours_stream_shared_memory": res_stream_shared,
         "baseline_pickle_http_jpeg": res_pickle,
         "minor_page_faults_per_round_trip": {
             name: {"client": round(c / rounds), "server": round(sv / rounds)} for name, (c, sv) in faults.items()
@@ -224,6 +230,7 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
         "speedup_unary_single_call_median": round(res_pickle["median_ms"] / res_single["median_ms"], 2),
         "speedup_stream_median": round(res_pickle["median_ms"] / res_stream["median_ms"], 2),
         "speedup_unary_shared_memory_median": round(res_pickle["median_ms"] / res_shared["median_ms"], 2),
+        "speedup_stream_shared_memory_median": round(res_pickle["median_ms"] / res_stream_shared["median_ms"], 2),
         "target_speedup": 3.0,
     }
 

@@ -10,10 +10,12 @@ Depends only on grpc, numpy and PIL: no torch, no server code.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import random
 import struct
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .images import encode_image_parts
-from .shared_memory import SharedMemoryArena
+from .shared_memory import SharedMemoryArena, SharedMemorySlots, StreamClosed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,6 +95,7 @@ class RewardClient:
         parallel_calls: int = 4,
         min_call_bytes: int = 4 << 20,
         max_rescores: int = 3,
+        stream_slots: int = 8,
     ):
         """``keep_freed_memory``: tune this process's glibc allocator to keep freed buffers (see
         reward_server.allocator); it makes raw image transfers much cheaper, process-wide.
@@ -101,7 +104,8 @@ class RewardClient:
         ``update_discriminator`` pass the image bytes through a shared-memory segment this client
         owns instead of the socket (the server must have ``server.shared_memory`` on, the
         default). One call at a time uses the segment; a concurrent call from another thread
-        sends its bytes inline. Streams always send inline.
+        sends its bytes inline. ``score_stream`` gives each message in flight a segment of its
+        own, at most ``stream_slots`` (the server's ``max_stream_inflight`` by default) at a time.
 
         ``parallel_calls``, ``min_call_bytes``: ``score`` divides a payload of at least
         2·``min_call_bytes`` of image bytes into up to ``parallel_calls`` Score calls of at least
@@ -128,6 +132,7 @@ class RewardClient:
         self.min_call_bytes = min_call_bytes
         self.max_rescores = max_rescores
         self._arena = SharedMemoryArena() if shared_memory else None
+        self._stream_slots = SharedMemorySlots(stream_slots) if shared_memory else None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
             target,
@@ -162,6 +167,8 @@ class RewardClient:
         if self._arena is not None:
             with self._arena.lock:
                 self._arena.close()
+        if self._stream_slots is not None:
+            self._stream_slots.close()
 
     def __enter__(self) -> "RewardClient":
         return self
@@ -240,22 +247,52 @@ class RewardClient:
         scores in order, as soon as the server has them. The server scores several at once."""
         parts_fifo: list[list[tuple[int, int]]] = []
         counter = [0]
+        slots = self._stream_slots
+        held: collections.deque[SharedMemoryArena] = collections.deque()  # one per message in flight
+        ended = threading.Event()
+        held_lock = threading.Lock()  # the request thread appends, this one drains at the end
 
         def requests() -> Iterator[reward_pb2.ScoreRequest]:
             for g in groups:
                 index = counter[0]
                 counter[0] += 1
                 for request, parts in self._requests([self._encode_group(g, index)], weights, self.chunk_bytes):
+                    if slots is not None:
+                        try:
+                            arena = slots.acquire(ended.is_set)
+                        except StreamClosed:
+                            return
+                        with held_lock:
+                            if ended.is_set():  # the stream ended while we waited: never sent
+                                slots.release(arena)
+                                return
+                            held.append(arena)
+                        request = request.via_shared_memory(arena)
                     parts_fifo.append(parts)
                     yield request
 
         pending: list[_Part] = []
-        for response in self._score_stream(requests(), metadata=self._metadata, timeout=None):
-            for part in _collect(response, parts_fifo.pop(0)):
-                if pending and part.index != pending[0].index:
-                    yield _merge_stream_parts(pending)
-                    pending = []
-                pending.append(part)
+        ok = False
+        try:
+            for response in self._score_stream(requests(), metadata=self._metadata, timeout=None):
+                parts = parts_fifo.pop(0)
+                if slots is not None:
+                    slots.release(held.popleft())  # answered: the server has copied its bytes out
+                for part in _collect(response, parts):
+                    if pending and part.index != pending[0].index:
+                        yield _merge_stream_parts(pending)
+                        pending = []
+                    pending.append(part)
+            ok = True
+        finally:
+            with held_lock:
+                ended.set()
+                while held:  # unanswered (a failed or abandoned stream): the server may still read them
+                    arena = held.popleft()
+                    if ok:
+                        slots.release(arena)
+                    else:
+                        slots.drop(arena)
         if pending:
             yield _merge_stream_parts(pending)
 

@@ -148,3 +148,60 @@ class SharedMemoryArena:
                 pass
 
     close = discard
+
+
+class StreamClosed(Exception):
+    """Raised in a stream's request thread waiting for a slot when the stream has ended."""
+
+
+class SharedMemorySlots:
+    """Client side, for streams: one arena per message in flight, at most ``capacity`` at a time.
+
+    A stream has several messages on their way at once, so none may reuse another's segment
+    before its answer has come. ``acquire`` blocks (the stream's request thread) until a slot is
+    free; ``release`` returns a slot once its message's answer has arrived (answers come in
+    order); ``drop`` discards one the server may still be reading (after a failed stream).
+    Arenas are kept across streams, so the server keeps its mappings of them.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._free: list[SharedMemoryArena] = []
+        self._out = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, stopped) -> SharedMemoryArena:
+        """A free arena (new if none is kept); raises StreamClosed once ``stopped()`` is true."""
+        with self._cond:
+            while not self._free and self._out >= self.capacity:
+                if stopped():
+                    raise StreamClosed()
+                self._cond.wait(0.05)
+            self._out += 1
+            return self._free.pop() if self._free else SharedMemoryArena()
+
+    def release(self, arena: SharedMemoryArena) -> None:
+        with self._cond:
+            self._free.append(arena)
+            self._out -= 1
+            self._cond.notify()
+
+    def drop(self, arena: SharedMemoryArena) -> None:
+        arena.discard()
+        with self._cond:
+            self._out -= 1
+            self._cond.notify()
+
+    @property
+    def segments(self) -> int:
+        """Segments this pool holds now (kept plus in use)."""
+        with self._cond:
+            return len(self._free) + self._out
+
+    def close(self) -> None:
+        with self._cond:
+            for arena in self._free:
+                arena.discard()
+            self._free.clear()

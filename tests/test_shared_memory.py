@@ -127,6 +127,21 @@ def test_bad_references_get_clear_statuses(tiny_server):
         segment.unlink()
 
 
+def test_streams_through_shared_memory_equal_inline_streams(tiny_server, clients):
+    inline, _ = clients
+    weights = {"dino": 1.0, "pickscore": 0.5}
+    many = groups(7, n_groups=6, per_group=3)
+    want = list(inline.score_stream(iter(many), weights))
+    before = our_segments()
+    with RewardClient(tiny_server.target, timeout_s=60, shared_memory=True, stream_slots=2) as client:
+        for _ in range(2):  # a second stream reuses the first one's segments
+            assert list(client.score_stream(iter(many), weights)) == want
+            slots = client._stream_slots
+            assert 1 <= slots.segments <= 2 and slots._out == 0  # bounded, and all given back
+        assert 1 <= len(our_segments() - before) <= 2
+    assert our_segments() == before  # close() removes them
+
+
 def test_a_server_with_shared_memory_off_refuses_it(start_server, tmp_path):
     config = tmp_path / "server.yaml"
     config.write_text("server:\n  shared_memory: false\n")
@@ -139,6 +154,11 @@ def test_a_server_with_shared_memory_off_refuses_it(start_server, tmp_path):
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "server.shared_memory" in info.value.details()
         assert our_segments() == before, "a failed call drops its segment"
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.score_stream(iter(groups(1, 3, 1))))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert our_segments() == before, "a failed stream drops the segments it had in flight"
+        assert client._stream_slots._out == 0
 
 
 def test_client_removes_its_segment_on_close(tiny_server):
