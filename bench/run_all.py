@@ -29,65 +29,35 @@ def table(results: dict) -> str:
     d = results.get("transport_malloc_diagnostic")
     b = results["batching"]
     mem = b["memory"]
-    u, s, p = t["ours_unary"], t["ours_stream"], t["baseline_pickle_http_jpeg"]
+    target = t["target_speedup"]
+
+    def timing(label: str, key: str) -> tuple[str, str, str, str]:
+        return (label, f"{t[key]['median_ms']:.1f} / {t[key]['p90_ms']:.1f} ms", "", "")
+
+    def speedup(label: str, key: str) -> tuple[str, str, str, str]:
+        return (label, f"{t[key]:.2f}x", f">= {target:.0f}x", _met(t[key] >= target))
+
     rows = [
-        (
+        timing(
             f"Transport: 16x512² group, ours unary `Score` (raw RGB8, client default: "
-            f"{u['score_calls_per_group']} concurrent calls)",
-            f"{u['median_ms']:.1f} / {u['p90_ms']:.1f} ms",
-            "",
-            "",
+            f"{t['ours_unary']['score_calls_per_group']} concurrent calls)",
+            "ours_unary",
         ),
-        (
-            "Transport: ours, one unary `Score` call carrying the whole group (`parallel_calls=1`)",
-            f"{t['ours_unary_single_call']['median_ms']:.1f} / {t['ours_unary_single_call']['p90_ms']:.1f} ms",
-            "",
-            "",
-        ),
-        ("Transport: ours `ScoreStream`, per group", f"{s['median_ms']:.1f} / {s['p90_ms']:.1f} ms", "", ""),
-        (
-            "Transport: ours unary `Score`, `shared_memory=True` (same host)",
-            f"{t['ours_unary_shared_memory']['median_ms']:.1f} / {t['ours_unary_shared_memory']['p90_ms']:.1f} ms",
-            "",
-            "",
-        ),
-        (
-            "Transport: ours `ScoreStream`, `shared_memory=True` (same host), per group",
-            f"{t['ours_stream_shared_memory']['median_ms']:.1f} / {t['ours_stream_shared_memory']['p90_ms']:.1f} ms",
-            "",
-            "",
-        ),
-        ("Transport: baseline pickle+HTTP, JPEG q75", f"{p['median_ms']:.1f} / {p['p90_ms']:.1f} ms", "", ""),
-        (
-            "Transport speedup, unary (baseline / ours, medians)",
-            f"{t['speedup_unary_median']:.2f}x",
-            f">= {t['target_speedup']:.0f}x",
-            _met(t["speedup_unary_median"] >= t["target_speedup"]),
-        ),
-        (
-            "Transport speedup, one unary call per group (baseline / ours, medians)",
-            f"{t['speedup_unary_single_call_median']:.2f}x",
-            f">= {t['target_speedup']:.0f}x",
-            _met(t["speedup_unary_single_call_median"] >= t["target_speedup"]),
-        ),
-        (
-            "Transport speedup, stream (baseline / ours, medians)",
-            f"{t['speedup_stream_median']:.2f}x",
-            f">= {t['target_speedup']:.0f}x",
-            _met(t["speedup_stream_median"] >= t["target_speedup"]),
-        ),
-        (
-            "Transport speedup, unary through shared memory (baseline / ours, medians)",
-            f"{t['speedup_unary_shared_memory_median']:.2f}x",
-            f">= {t['target_speedup']:.0f}x",
-            _met(t["speedup_unary_shared_memory_median"] >= t["target_speedup"]),
-        ),
-        (
-            "Transport speedup, stream through shared memory (baseline / ours, medians)",
-            f"{t['speedup_stream_shared_memory_median']:.2f}x",
-            f">= {t['target_speedup']:.0f}x",
-            _met(t["speedup_stream_shared_memory_median"] >= t["target_speedup"]),
-        ),
+        timing("Transport: ours, one unary `Score` call carrying the whole group (`parallel_calls=1`)",
+               "ours_unary_single_call"),
+        timing("Transport: ours `ScoreStream`, per group", "ours_stream"),
+        timing("Transport: ours unary `Score`, `shared_memory=True` (same host)", "ours_unary_shared_memory"),
+        timing("Transport: ours `ScoreStream`, `shared_memory=True` (same host), per group",
+               "ours_stream_shared_memory"),
+        timing("Transport: baseline pickle+HTTP, JPEG q75", "baseline_pickle_http_jpeg"),
+        speedup("Transport speedup, unary (baseline / ours, medians)", "speedup_unary_median"),
+        speedup("Transport speedup, one unary call per group (baseline / ours, medians)",
+                "speedup_unary_single_call_median"),
+        speedup("Transport speedup, stream (baseline / ours, medians)", "speedup_stream_median"),
+        speedup("Transport speedup, unary through shared memory (baseline / ours, medians)",
+                "speedup_unary_shared_memory_median"),
+        speedup("Transport speedup, stream through shared memory (baseline / ours, medians)",
+                "speedup_stream_shared_memory_median"),
     ]
     if d:
         rows.append(

@@ -120,8 +120,8 @@ def run(rounds: int = 20, warmup: int = 3, streams: int = 8, stream_groups: int 
         client.wait_ready(30)
         shm_client = RewardClient(server.target, timeout_s=60, keep_freed_memory=True, shared_memory=True)
         single_client = RewardClient(server.target, timeout_s=60, keep_freed_memory=True, parallel_calls=1)
-        calls_per_group = len(list(client._requests([client._encode_group(group, 0)], {}, client._call_budget(
-            [client._encode_group(group, 0)]))))
+        encoded = [client._encode_group(group, 0)]  # how the client divides this group into calls
+        calls_per_group = len(list(client._requests(encoded, {}, client._call_budget(encoded))))
         # Flow-GRPO's client uses requests.Session; httpx.Client (a declared dependency) is the same
         # thing here: a synchronous client that keeps the connection alive between calls.
         session = httpx.Client(timeout=60)

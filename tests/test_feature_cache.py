@@ -42,6 +42,19 @@ def blank(n: int) -> list[str]:
     return [""] * n
 
 
+def count_backbone_images(model: DinoDiscriminator) -> list[int]:
+    """Wraps the model's backbone: the returned list gets each forward call's batch size."""
+    seen: list[int] = []
+    forward = model.backbone.forward
+
+    def counting_forward(*args, pixel_values, **kwargs):
+        seen.append(int(pixel_values.shape[0]))
+        return forward(*args, pixel_values=pixel_values, **kwargs)
+
+    model.backbone.forward = counting_forward
+    return seen
+
+
 def t(n_floats: int, fill: float = 0.0) -> torch.Tensor:
     return torch.full((n_floats,), fill, dtype=torch.float32)  # 4 bytes per element
 
@@ -187,14 +200,7 @@ def test_cache_changes_no_result(device):
 
 def test_repeated_references_skip_the_backbone():
     model = make(1 << 20)
-    seen: list[int] = []
-    forward = model.backbone.forward
-
-    def counting_forward(*args, pixel_values, **kwargs):
-        seen.append(int(pixel_values.shape[0]))
-        return forward(*args, pixel_values=pixel_values, **kwargs)
-
-    model.backbone.forward = counting_forward
+    seen = count_backbone_images(model)
     refs = images(smooth_image, 8, 20)
 
     def update(seed: int):
@@ -222,14 +228,7 @@ def test_scored_generations_make_the_next_update_skip_the_backbone():
     UpdateDiscriminator. With the recent pool, that update runs no backbone at all, and every
     result equals the uncached model's."""
     plain, cached = make(0), make(1 << 20, recent_bytes=1 << 20)
-    seen: list[int] = []
-    forward = cached.backbone.forward
-
-    def counting_forward(*args, pixel_values, **kwargs):
-        seen.append(int(pixel_values.shape[0]))
-        return forward(*args, pixel_values=pixel_values, **kwargs)
-
-    cached.backbone.forward = counting_forward
+    seen = count_backbone_images(cached)
     refs = images(smooth_image, 6, 30)
     for epoch in range(3):
         gens = images(noise_image, 6, 100 + epoch)
