@@ -576,8 +576,16 @@ def row_logits_reference(tokens, patch_index, w1, b1, w2, b2) -> torch.Tensor:
     # Token ids of CLS (0) and the patches (1 + j): one gather picks all 1+K rows.
     rows = F.pad(patch_index.long() + 1, (1, 0))
     picked = tokens.gather(1, rows.unsqueeze(-1).expand(b, 1 + k, d)).to(torch.float32)
-    hidden = F.gelu(F.linear(picked, w1.float(), b1.float()), approximate="none")
-    return F.linear(hidden, w2.float().reshape(1, -1), b2.float().reshape(1)).squeeze(-1)
+    # An image's logits must not depend on the batch it came in (the batcher merges requests).
+    # BLAS picks its kernels, and so its summation order, by shape: one [B(1+K), D] product gave
+    # some rows other last bits for other B, and the GEMV to one output did for most B. So the
+    # first layer runs per image, always as a [1+K, D] product, and the second is a row-wise
+    # product and sum over the hidden units, whose order depends on their number alone.
+    if b == 0:
+        return picked.new_zeros(0, 1 + k)
+    w1, b1 = w1.float(), b1.float()
+    hidden = F.gelu(torch.stack([F.linear(rows_of_one, w1, b1) for rows_of_one in picked]), approximate="none")
+    return (hidden * w2.float().reshape(-1)).sum(-1) + b2.float().reshape(())
 
 
 def patch_score_reference(tokens, patch_index, w1, b1, w2, b2, cls_weight: float = 0.7):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import random
 import struct
 import threading
@@ -27,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .images import encode_image_parts
-from .shared_memory import SharedMemoryArena, SharedMemorySlots, StreamClosed
+from .shared_memory import SharedMemoryArena, SharedMemoryFull, SharedMemorySlots, StreamClosed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,7 +92,7 @@ class RewardClient:
         encoding: str = "raw",
         retry: RetryPolicy | None = None,
         keep_freed_memory: bool = False,
-        shared_memory: bool = False,
+        shared_memory: bool | str = False,
         parallel_calls: int = 4,
         min_call_bytes: int = 4 << 20,
         max_rescores: int = 3,
@@ -106,6 +107,11 @@ class RewardClient:
         default). One call at a time uses the segment; a concurrent call from another thread
         sends its bytes inline. ``score_stream`` gives each message in flight a segment of its
         own, at most ``stream_slots`` (the server's ``max_stream_inflight`` by default) at a time.
+        ``"auto"``: ask the server once, before the first call with images, whether it can read
+        this client's segments (CheckSharedMemory); if not (another host, container or user,
+        or shared memory off there) the bytes go through the socket, and a warning says why.
+        ``True`` skips that question: a server that cannot read the segments fails the calls.
+        Either way, a call whose segment finds /dev/shm full sends its bytes inline.
 
         ``parallel_calls``, ``min_call_bytes``: ``score`` divides a payload of at least
         2·``min_call_bytes`` of image bytes into up to ``parallel_calls`` Score calls of at least
@@ -118,6 +124,8 @@ class RewardClient:
         to this many times; then ``score`` raises rather than mix versions within a group."""
         if parallel_calls < 1 or min_call_bytes < 1 or max_rescores < 0:
             raise ValueError("parallel_calls and min_call_bytes must be >= 1, max_rescores >= 0")
+        if shared_memory not in (True, False, "auto"):
+            raise ValueError(f"shared_memory must be True, False or 'auto', got {shared_memory!r}")
         if keep_freed_memory:
             from .allocator import keep_freed_memory as _keep
 
@@ -133,6 +141,9 @@ class RewardClient:
         self.max_rescores = max_rescores
         self._arena = SharedMemoryArena() if shared_memory else None
         self._stream_slots = SharedMemorySlots(stream_slots) if shared_memory else None
+        # Whether image bytes go through shared memory: None until 'auto' has asked the server.
+        self._shm_usable: bool | None = None if shared_memory == "auto" else bool(shared_memory)
+        self._shm_check_lock = threading.Lock()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
             target,
@@ -194,6 +205,41 @@ class RewardClient:
                 raise TimeoutError(f"reward server at {self.target} not SERVING after {timeout_s:.0f}s")
             time.sleep(0.2)
 
+    def uses_shared_memory(self) -> bool:
+        """Whether this client's image bytes go through shared memory. With ``shared_memory="auto"``
+        the first call asks the server (CheckSharedMemory) and the answer is kept."""
+        if self._shm_usable is None:
+            with self._shm_check_lock:
+                if self._shm_usable is None:
+                    self._shm_usable = self._server_reads_shared_memory()
+        return self._shm_usable
+
+    def _server_reads_shared_memory(self) -> bool:
+        """Writes a random token into this client's segment and asks the server to read it back."""
+        token = os.urandom(16)
+        arena = self._arena
+        try:
+            with arena.lock:
+                ((name, offset, size),) = arena.place([token])
+        except OSError as exc:  # no POSIX shared memory here, or /dev/shm is full
+            log.warning("shared memory unavailable in this process (%s): image bytes go through the socket", exc)
+            return False
+        request = reward_pb2.CheckSharedMemoryRequest(
+            slice=reward_pb2.SharedMemorySlice(name=name, offset=offset, size=size), expected=token
+        )
+        try:
+            answer = self._call(self._stub.CheckSharedMemory, request)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise  # the server is unreachable or refused us: ask again next call
+            answer = reward_pb2.CheckSharedMemoryResponse(detail="the server predates CheckSharedMemory")
+        if not answer.readable:
+            with arena.lock:
+                arena.discard()
+            log.warning("reward server %s cannot read this client's shared memory (%s): image bytes "
+                        "go through the socket", self.target, answer.detail)
+        return answer.readable
+
     # ------------------------------------------------------------------ calls
 
     def list_models(self) -> list[ModelInfo]:
@@ -247,8 +293,9 @@ class RewardClient:
         scores in order, as soon as the server has them. The server scores several at once."""
         parts_fifo: list[list[tuple[int, int]]] = []
         counter = [0]
-        slots = self._stream_slots
-        held: collections.deque[SharedMemoryArena] = collections.deque()  # one per message in flight
+        slots = self._stream_slots if self._stream_slots is not None and self.uses_shared_memory() else None
+        # One entry per message in flight: its arena, or None for a message sent inline.
+        held: collections.deque[SharedMemoryArena | None] = collections.deque()
         ended = threading.Event()
         held_lock = threading.Lock()  # the request thread appends, this one drains at the end
 
@@ -262,12 +309,19 @@ class RewardClient:
                             arena = slots.acquire(ended.is_set)
                         except StreamClosed:
                             return
+                        # Under the lock, so that the stream's end (which drops what is held)
+                        # never races a segment being made.
                         with held_lock:
                             if ended.is_set():  # the stream ended while we waited: never sent
                                 slots.release(arena)
                                 return
+                            try:
+                                request = request.via_shared_memory(arena)
+                            except SharedMemoryFull as exc:
+                                log.warning("stream group %d goes through the socket: %s", index, exc)
+                                slots.release(arena)
+                                arena = None
                             held.append(arena)
-                        request = request.via_shared_memory(arena)
                     parts_fifo.append(parts)
                     yield request
 
@@ -276,8 +330,8 @@ class RewardClient:
         try:
             for response in self._score_stream(requests(), metadata=self._metadata, timeout=None):
                 parts = parts_fifo.pop(0)
-                if slots is not None:
-                    slots.release(held.popleft())  # answered: the server has copied its bytes out
+                if slots is not None and (arena := held.popleft()) is not None:
+                    slots.release(arena)  # answered: the server has copied its bytes out
                 for part in _collect(response, parts):
                     if pending and part.index != pending[0].index:
                         yield _merge_stream_parts(pending)
@@ -289,6 +343,8 @@ class RewardClient:
                 ended.set()
                 while held:  # unanswered (a failed or abandoned stream): the server may still read them
                     arena = held.popleft()
+                    if arena is None:
+                        continue
                     if ok:
                         slots.release(arena)
                     else:
@@ -375,7 +431,7 @@ class RewardClient:
         """This client's shared-memory arena, held for the block, if it has one and no other
         thread is using it; else None (the bytes go inline)."""
         arena = self._arena
-        if arena is None or not arena.lock.acquire(blocking=False):
+        if arena is None or not self.uses_shared_memory() or not arena.lock.acquire(blocking=False):
             yield None
             return
         try:
@@ -387,7 +443,11 @@ class RewardClient:
         """``_call``; with ``arena`` (held), the image bytes go through shared memory."""
         if arena is None:
             return self._call(method, request)
-        placed = request.via_shared_memory(arena)
+        try:
+            placed = request.via_shared_memory(arena)
+        except SharedMemoryFull as exc:
+            log.warning("reward server %s: this call's images go through the socket: %s", self.target, exc)
+            return self._call(method, request)
         try:
             return self._call(method, placed)
         except BaseException:

@@ -26,6 +26,16 @@ from .errors import FailedPrecondition, InvalidArgument
 PREFIX = "advgrpo-"
 SHM_DIR = Path("/dev/shm")
 _NAME = re.compile(r"advgrpo-[A-Za-z0-9_.-]{1,200}")
+MAX_CHECK_BYTES = 64  # CheckSharedMemoryRequest.expected
+
+
+class SegmentUnreadable(InvalidArgument):
+    """A well-formed name this server cannot read: no such segment here (another host or IPC
+    namespace) or no permission (another user). CheckSharedMemory answers it as not readable."""
+
+
+class SharedMemoryFull(OSError):
+    """Client side: /dev/shm has no room for a segment of the size asked (the bytes go inline)."""
 
 
 class SharedMemoryReader:
@@ -57,7 +67,7 @@ class SharedMemoryReader:
         try:
             inode = os.stat(path).st_ino
         except FileNotFoundError:
-            raise InvalidArgument(
+            raise SegmentUnreadable(
                 f"{where}.shared_memory.name: no shared-memory segment {name!r} on the server's host "
                 f"(is the client on another host or in another IPC namespace?)"
             ) from None
@@ -68,7 +78,13 @@ class SharedMemoryReader:
         if cached is not None:  # the client replaced the segment (a new one under the same name)
             cached[1].close()
             del self._maps[name]
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except PermissionError:
+            raise SegmentUnreadable(
+                f"{where}.shared_memory.name: segment {name!r}: permission denied (the server runs as "
+                f"another user than the client)"
+            ) from None
         try:
             size = os.fstat(fd).st_size
             if size == 0:
@@ -99,6 +115,24 @@ def read_shared(reader: SharedMemoryReader | None, ref, where: str) -> bytes:
     return reader.read(ref.name, int(ref.offset), int(ref.size), where)
 
 
+def check_readable(reader: SharedMemoryReader | None, ref, expected: bytes) -> tuple[bool, str]:
+    """CheckSharedMemory: (readable, why not). Malformed requests are INVALID_ARGUMENT; a segment
+    this server cannot see or open, or one holding other bytes, is an answer, not an error."""
+    if not 1 <= len(expected) <= MAX_CHECK_BYTES:
+        raise InvalidArgument(f"expected: 1 to {MAX_CHECK_BYTES} bytes, got {len(expected)}")
+    if int(ref.size) != len(expected):
+        raise InvalidArgument(f"slice.size: {ref.size} but expected has {len(expected)} bytes")
+    if reader is None:
+        return False, "this server does not read shared memory (server.shared_memory: false)"
+    try:
+        got = reader.read(ref.name, int(ref.offset), int(ref.size), "slice")
+    except SegmentUnreadable as exc:
+        return False, str(exc)
+    if got != bytes(expected):
+        return False, f"segment {ref.name!r} holds other bytes here (a segment of that name on another host?)"
+    return True, ""
+
+
 class SharedMemoryArena:
     """Client side: one segment this process owns, refilled for every request (one at a time).
 
@@ -127,9 +161,18 @@ class SharedMemoryArena:
         if self._shm is None or self._shm.size < total:
             self.discard()
             capacity = max(total, 1 << 20)
-            self._shm = shared_memory.SharedMemory(
+            shm = shared_memory.SharedMemory(
                 name=f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True, size=capacity
             )
+            try:
+                _reserve(shm)
+            except OSError as exc:
+                shm.close()
+                shm.unlink()
+                raise SharedMemoryFull(
+                    exc.errno, f"/dev/shm has no room for a {capacity}-byte segment ({exc.strerror})"
+                ) from None
+            self._shm = shm
         buf = self._shm.buf
         for data, offset in zip(chunks, offsets):
             n = len(data)
@@ -148,6 +191,20 @@ class SharedMemoryArena:
                 pass
 
     close = discard
+
+
+def _reserve(shm: shared_memory.SharedMemory) -> None:
+    """Allocates a new segment's pages up front. Writing into a tmpfs that is out of room (Docker
+    gives containers a 64 MB /dev/shm by default) kills the writer with SIGBUS; fallocate fails
+    with ENOSPC instead, and the caller sends its bytes through the socket."""
+    try:
+        fd = os.open(SHM_DIR / shm.name.lstrip("/"), os.O_RDWR)
+    except FileNotFoundError:  # not Linux's /dev/shm: nothing to reserve through
+        return
+    try:
+        os.posix_fallocate(fd, 0, shm.size)
+    finally:
+        os.close(fd)
 
 
 class StreamClosed(Exception):

@@ -145,6 +145,31 @@ def test_empty_batch_reference():
         assert out.shape == (0,) and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("d,hidden,k", [(32, 64, 8), (33, 17, 5), (768, 512, 64)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reference_logits_do_not_depend_on_the_batch(d, hidden, k, threads):
+    """The server's batcher puts an image in batches of any size, at any position: its logits
+    must come out the same bit for bit (a single BLAS call over all rows did not)."""
+    from kernels.patch_score import row_logits_reference
+
+    g = torch.Generator().manual_seed(d)
+    b = 24
+    tokens = torch.randn(b, 1 + 3 * k, d, generator=g)
+    index = torch.stack([torch.randperm(3 * k, generator=g)[:k] for _ in range(b)])
+    w1, b1 = torch.randn(hidden, d, generator=g) * 0.1, torch.randn(hidden, generator=g) * 0.1
+    w2, b2 = torch.randn(1, hidden, generator=g) * 0.1, torch.randn(1, generator=g) * 0.1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        whole = row_logits_reference(tokens, index, w1, b1, w2, b2)
+        for size in range(1, b):
+            for start in (0, b - size):
+                part = row_logits_reference(tokens[start : start + size], index[start : start + size], w1, b1, w2, b2)
+                assert torch.equal(part, whole[start : start + size]), f"{size} images from {start}"
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------
 # Dispatch
 

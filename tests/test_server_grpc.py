@@ -176,7 +176,9 @@ def test_reflection_lists_and_describes_the_service(tiny_server):
         assert {SERVICE, "grpc.health.v1.Health"} <= services
         pool = DescriptorPool(db)
         svc = pool.FindServiceByName(SERVICE)
-        assert {m.name for m in svc.methods} == {"Score", "ScoreStream", "UpdateDiscriminator", "ListModels"}
+        assert {m.name for m in svc.methods} == {
+            "Score", "ScoreStream", "UpdateDiscriminator", "ListModels", "CheckSharedMemory"
+        }
         enum = pool.FindEnumTypeByName("advgrpo.reward.v1.Encoding")
         assert [v.name for v in enum.values] == [
             "ENCODING_UNSPECIFIED", "ENCODING_RAW_RGB8", "ENCODING_PNG", "ENCODING_JPEG"
@@ -298,10 +300,11 @@ def test_auth_token_required_except_for_health(start_server, tmp_path):
         with pytest.raises(grpc.RpcError) as info:
             list(anonymous.score_stream([Group("p", [np.zeros((2, 2, 3), np.uint8)])]))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    with RewardClient(server.target, token="wrong") as wrong:
-        with pytest.raises(grpc.RpcError) as info:
-            wrong.score([Group("p", [np.zeros((2, 2, 3), np.uint8)])])
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for mode in (False, "auto"):  # "auto" asks CheckSharedMemory first: refused the same way
+        with RewardClient(server.target, token="wrong", shared_memory=mode) as wrong:
+            with pytest.raises(grpc.RpcError) as info:
+                wrong.score([Group("p", [np.zeros((2, 2, 3), np.uint8)])])
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with RewardClient(server.target, token="s3cret") as ok:
         assert [m.name for m in ok.list_models()] == ["noop"]
         assert ok.score([Group("p", [np.zeros((2, 2, 3), np.uint8)])])[0].rewards == [0.0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import threading
 from multiprocessing import shared_memory
@@ -13,8 +15,10 @@ import pytest
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from reward_server.client import Group, RewardClient
+from reward_server import shared_memory as shm_module
 from reward_server.errors import InvalidArgument
-from reward_server.shared_memory import SHM_DIR, SharedMemoryReader
+from reward_server.process import ServerProcess
+from reward_server.shared_memory import SHM_DIR, SharedMemoryArena, SharedMemoryReader, check_readable
 
 from .conftest import noise_image, smooth_image
 
@@ -142,10 +146,17 @@ def test_streams_through_shared_memory_equal_inline_streams(tiny_server, clients
     assert our_segments() == before  # close() removes them
 
 
-def test_a_server_with_shared_memory_off_refuses_it(start_server, tmp_path):
-    config = tmp_path / "server.yaml"
+@pytest.fixture(scope="module")
+def server_without_shm(tmp_path_factory):
+    config = tmp_path_factory.mktemp("no-shm") / "server.yaml"
     config.write_text("server:\n  shared_memory: false\n")
-    server = start_server("--preset", "noop", "--config", str(config), "--no-http")
+    server = ServerProcess(["--preset", "noop", "--config", str(config), "--no-http"])
+    yield server
+    server.stop()
+
+
+def test_a_server_with_shared_memory_off_refuses_it(server_without_shm):
+    server = server_without_shm
     before = our_segments()  # other tests' clients may hold theirs
     with RewardClient(server.target, timeout_s=60, shared_memory=True) as client:
         client.wait_ready(60)
@@ -186,3 +197,113 @@ def test_reader_remaps_a_replaced_segment_and_bounds_its_mappings(tmp_path: Path
     with pytest.raises(InvalidArgument, match="empty"):
         reader.read("advgrpo-empty", 0, 0, "x")
     reader.close()
+
+
+def check(stub, name: str, offset: int, size: int, expected: bytes) -> reward_pb2.CheckSharedMemoryResponse:
+    ref = reward_pb2.SharedMemorySlice(name=name, offset=offset, size=size)
+    return stub.CheckSharedMemory(reward_pb2.CheckSharedMemoryRequest(slice=ref, expected=expected), timeout=30)
+
+
+def test_check_shared_memory_rpc(tiny_server, server_without_shm):
+    arena = SharedMemoryArena()
+    token = os.urandom(16)
+    ((name, offset, size),) = arena.place([b"x" * 100, token])[1:]
+    try:
+        with grpc.insecure_channel(tiny_server.target) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            assert check(stub, name, offset, size, token).readable
+            other = check(stub, name, offset, size, os.urandom(16))
+            assert not other.readable and "holds other bytes" in other.detail
+            missing = check(stub, "advgrpo-nowhere", 0, 16, token)
+            assert not missing.readable and "no shared-memory segment 'advgrpo-nowhere'" in missing.detail
+            for bad, field in (
+                ((name, offset, size, b""), "expected"),
+                ((name, offset, size, b"x" * 65), "expected"),
+                ((name, offset, 8, token), "slice.size"),
+                (("elsewhere", offset, size, token), "slice.shared_memory.name"),
+                ((name, 1 << 40, size, token), "past the end"),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    check(stub, *bad)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert field in info.value.details()
+        with grpc.insecure_channel(server_without_shm.target) as channel:
+            off = check(reward_pb2_grpc.RewardServiceStub(channel), name, offset, size, token)
+            assert not off.readable and "server.shared_memory: false" in off.detail
+    finally:
+        arena.discard()
+
+
+def test_a_server_in_another_ipc_namespace_cannot_read(tmp_path: Path):
+    """Another /dev/shm (another container or host) has no such segment: not readable."""
+    arena = SharedMemoryArena()
+    token = os.urandom(16)
+    ((name, offset, size),) = arena.place([token])
+    try:
+        ref = reward_pb2.SharedMemorySlice(name=name, offset=offset, size=size)
+        assert check_readable(SharedMemoryReader(), ref, token) == (True, "")
+        readable, detail = check_readable(SharedMemoryReader(root=tmp_path), ref, token)
+        assert not readable and "another IPC namespace" in detail
+    finally:
+        arena.discard()
+
+
+def test_reader_names_a_segment_it_may_not_open(tmp_path: Path, monkeypatch):
+    (tmp_path / "advgrpo-theirs").write_bytes(b"pixels")
+
+    def denied(path, flags, *args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(shm_module.os, "open", denied)
+    with pytest.raises(shm_module.SegmentUnreadable, match="permission denied"):
+        SharedMemoryReader(root=tmp_path).read("advgrpo-theirs", 0, 6, "groups[0].images[0]")
+
+
+def test_auto_uses_shared_memory_where_the_server_reads_it(clients, tiny_server):
+    inline, _ = clients
+    before = our_segments()
+    with RewardClient(tiny_server.target, timeout_s=60, shared_memory="auto") as auto:
+        assert auto.uses_shared_memory()
+        assert auto.score(groups(7), {"dino": 1.0}) == inline.score(groups(7), {"dino": 1.0})
+        assert [s.rewards for s in auto.score_stream(iter(groups(8)), {"dino": 1.0})] == [
+            s.rewards for s in inline.score(groups(8), {"dino": 1.0})
+        ]
+        assert auto._arena.name is not None and len(our_segments() - before) >= 1
+    assert our_segments() == before
+
+
+def test_auto_falls_back_to_the_socket_where_the_server_cannot_read(server_without_shm, caplog):
+    before = our_segments()
+    with RewardClient(server_without_shm.target, timeout_s=60, shared_memory="auto") as auto:
+        auto.wait_ready(60)
+        with caplog.at_level(logging.WARNING, logger="reward_server.client"):
+            got = auto.score(groups(0, 2, 2))
+            streamed = list(auto.score_stream(iter(groups(0, 2, 2))))
+        assert not auto.uses_shared_memory()
+        assert [g.rewards for g in got] == [g.rewards for g in streamed] == [[0.0, 0.0], [0.0, 0.0]]
+        warnings = [r.getMessage() for r in caplog.records if "cannot read this client's shared memory" in r.getMessage()]
+        assert len(warnings) == 1 and "server.shared_memory: false" in warnings[0]  # asked once
+        assert our_segments() == before  # the probe's segment is gone
+
+
+def test_a_full_dev_shm_sends_the_bytes_inline(clients, tiny_server, monkeypatch, caplog):
+    """fallocate fails with ENOSPC where /dev/shm is full (writing would raise SIGBUS instead)."""
+    inline, _ = clients
+    weights = {"dino": 1.0}
+    want = inline.score(groups(3), weights)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = our_segments()
+    with RewardClient(tiny_server.target, timeout_s=60, shared_memory=True, stream_slots=2) as client:
+        monkeypatch.setattr(shm_module.os, "posix_fallocate", full)
+        with caplog.at_level(logging.WARNING, logger="reward_server.client"):
+            assert client.score(groups(3), weights) == want
+            assert [s.rewards for s in client.score_stream(iter(groups(3)), weights)] == [g.rewards for g in want]
+        assert any("go through the socket" in r.getMessage() for r in caplog.records)
+        assert our_segments() == before  # nothing half-made is left behind
+        assert client._stream_slots._out == 0
+        monkeypatch.undo()
+        assert client.score(groups(3), weights) == want  # room again: back through shared memory
+        assert len(our_segments() - before) == 1

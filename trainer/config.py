@@ -78,9 +78,10 @@ class RewardConfig:
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     overlap: bool = True  # stream a group to the server while the next batch samples
     keep_freed_memory: bool = True  # glibc keeps freed buffers: cheaper raw image transfers
-    # Unary calls (updates, scoring without overlap) pass images through /dev/shm: only for a
-    # server on this host that shares /dev/shm with the trainer.
-    shared_memory: bool = False
+    # Image bytes through /dev/shm instead of the socket, for a server on this host that shares
+    # /dev/shm with the trainer. "auto": ask the server once (CheckSharedMemory) and fall back to
+    # the socket if it cannot read them; true: always (the server must be able to); false: never.
+    shared_memory: bool | Literal["auto"] = "auto"
 
 
 @dataclass

@@ -97,6 +97,7 @@ class AdvGrpoTrainer:
         try:
             self.client.wait_ready(timeout_s=r.connect_timeout_s)
             models = {m.name: m for m in self.client.list_models()}
+            via = "shared memory" if self.client.uses_shared_memory() else "the socket"  # "auto" asks here
         except (TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure here means "unreachable"
             raise ConfigError(f"reward.server {r.server}: reward server unreachable ({_short(exc)})") from None
         unknown = sorted(set(r.weights) - set(models))
@@ -109,6 +110,7 @@ class AdvGrpoTrainer:
             if not models[disc].trainable:
                 raise ConfigError(f"adversarial.discriminator: {disc!r} on {r.server} is not trainable")
         self.server_models = models
+        log.info("reward server %s: image bytes go through %s", r.server, via)
         # The discriminator's own reward is always computed (weight 0 if not part of the spec), so
         # generated and reference means can be compared.
         self.score_weights = dict(r.weights)

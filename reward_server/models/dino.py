@@ -21,7 +21,9 @@ when the GEMMs reduce each output over D in an order that D alone sets, and atte
 and the feature transform work per image and per token. tests/test_feature_cache.py asserts it
 bit-exactly, on a GPU too where there is one (cuBLAS may choose other kernels for other batch
 sizes; if that test fails there, run with feature_cache_bytes: 0 until the backbone is made
-batch-invariant).
+batch-invariant). The head is batch-invariant by construction on the CPU path
+(``kernels.patch_score.row_logits_reference``): the batcher merges requests, and an image's
+reward must not change in its last bits with the company it was scored in.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import grpc
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
-from .. import convert, wire
+from .. import convert, shared_memory, wire
 from ..errors import RewardError
 from ..host import ModelHost
 
@@ -43,6 +43,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 self.ListModels,
                 request_deserializer=pb.ListModelsRequest.FromString,
                 response_serializer=pb.ListModelsResponse.SerializeToString,
+            ),
+            "CheckSharedMemory": grpc.unary_unary_rpc_method_handler(
+                self.CheckSharedMemory,
+                request_deserializer=pb.CheckSharedMemoryRequest.FromString,
+                response_serializer=pb.CheckSharedMemoryResponse.SerializeToString,
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -91,3 +96,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def ListModels(self, request: reward_pb2.ListModelsRequest, context):
         return convert.list_models_response(self.host.list_models())
+
+    async def CheckSharedMemory(self, request: reward_pb2.CheckSharedMemoryRequest, context):
+        readable, detail = shared_memory.check_readable(self.host.shared_memory, request.slice, request.expected)
+        return reward_pb2.CheckSharedMemoryResponse(readable=readable, detail=detail)
