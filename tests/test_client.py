@@ -158,3 +158,12 @@ def test_raw_images_are_not_copied_before_serialisation():
     data = encoded.images[0][3]
     assert isinstance(data, memoryview) and np.shares_memory(np.asarray(data), image)
     client.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_keep_freed_memory_is_accepted_by_glibc():
+    """Every mallopt setting (mmap threshold, trim threshold, top pad, arena cap) is taken: in a
+    child, so this test process keeps its own allocator settings."""
+    code = "from reward_server.allocator import keep_freed_memory as k; print(k())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "True"
