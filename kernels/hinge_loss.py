@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .patch_score import _refuse_token_grad, _weight_grads, forward_rows, row_logits_reference, triton_mode
+from .patch_score import _refuse_token_grad, _weight_grads, forward_rows, row_logits_batched, triton_mode
 
 __all__ = ["HingeLossFunction", "check_target", "patch_hinge_loss_reference", "patch_hinge_loss_triton"]
 
@@ -85,7 +85,7 @@ def patch_hinge_loss_reference(tokens, patch_index, target, w1, b1, w2, b2, patc
     hinge margins [B, 1+K] times the slot weights (1 for CLS, patch_loss_weight/K per patch)
     give each image's term, and the per-image weights sum them."""
     t, wimg = check_target(target, tokens.shape[0], tokens.device)
-    logits = row_logits_reference(tokens, patch_index, w1, b1, w2, b2)  # [B, 1+K]
+    logits = row_logits_batched(tokens, patch_index, w1, b1, w2, b2)  # [B, 1+K]
     k = logits.shape[1] - 1
     slot = torch.full((1 + k,), patch_loss_weight / k, dtype=torch.float32, device=logits.device)
     slot[0] = 1.0

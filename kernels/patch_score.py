@@ -85,6 +85,7 @@ __all__ = [
     "interpreter_active",
     "patch_score_reference",
     "patch_score_triton",
+    "row_logits_batched",
     "row_logits_reference",
     "triton_mode",
 ]
@@ -568,29 +569,46 @@ def patch_score_triton(tokens, patch_index, w1, b1, w2, b2, cls_weight: float = 
 # PyTorch reference
 
 
-def row_logits_reference(tokens, patch_index, w1, b1, w2, b2) -> torch.Tensor:
-    """head(x) for CLS and the sampled patches: [B, 1+K] fp32 (slot 0 = CLS). Same math as
-    ``reward_server.models.dino.head_scores``: gather, Linear, exact GELU, Linear, in fp32."""
+def _picked_rows(tokens, patch_index) -> torch.Tensor:
+    """CLS (slot 0) and the sampled patch tokens of each image: [B, 1+K, D] fp32, one gather."""
     b, _, d = tokens.shape
     k = patch_index.shape[1]
-    # Token ids of CLS (0) and the patches (1 + j): one gather picks all 1+K rows.
-    rows = F.pad(patch_index.long() + 1, (1, 0))
-    picked = tokens.gather(1, rows.unsqueeze(-1).expand(b, 1 + k, d)).to(torch.float32)
-    # An image's logits must not depend on the batch it came in (the batcher merges requests).
-    # BLAS picks its kernels, and so its summation order, by shape: one [B(1+K), D] product gave
-    # some rows other last bits for other B, and the GEMV to one output did for most B. So the
-    # first layer runs per image, always as a [1+K, D] product, and the second is a row-wise
-    # product and sum over the hidden units, whose order depends on their number alone.
-    if b == 0:
-        return picked.new_zeros(0, 1 + k)
+    rows = F.pad(patch_index.long() + 1, (1, 0))  # token ids: CLS is 0, patch j is 1 + j
+    return tokens.gather(1, rows.unsqueeze(-1).expand(b, 1 + k, d)).to(torch.float32)
+
+
+def row_logits_reference(tokens, patch_index, w1, b1, w2, b2) -> torch.Tensor:
+    """head(x) for CLS and the sampled patches: [B, 1+K] fp32 (slot 0 = CLS). Same math as
+    ``reward_server.models.dino.head_scores``: gather, Linear, exact GELU, Linear, in fp32.
+
+    The scoring path: an image's logits must not depend on the batch it came in (the batcher
+    merges requests). BLAS picks its kernels, and so its summation order, by shape: one
+    [B(1+K), D] product gave some rows other last bits for other B, and the GEMV to one output
+    did for most B. So the first layer runs per image, always as a [1+K, D] product, and the
+    second is a row-wise product and sum over the hidden units, whose order depends on their
+    number alone."""
+    picked = _picked_rows(tokens, patch_index)
+    if picked.shape[0] == 0:
+        return picked.new_zeros(0, picked.shape[1])
     w1, b1 = w1.float(), b1.float()
     hidden = F.gelu(torch.stack([F.linear(rows_of_one, w1, b1) for rows_of_one in picked]), approximate="none")
     return (hidden * w2.float().reshape(-1)).sum(-1) + b2.float().reshape(())
 
 
-def patch_score_reference(tokens, patch_index, w1, b1, w2, b2, cls_weight: float = 0.7):
-    """The PyTorch reference: (cls_logit, patch_logit = mean over K, reward), each [B] fp32."""
-    logits = row_logits_reference(tokens, patch_index, w1, b1, w2, b2)
+def row_logits_batched(tokens, patch_index, w1, b1, w2, b2) -> torch.Tensor:
+    """``row_logits_reference`` as two products over all B(1+K) rows: faster, and what training
+    uses (a loss over one given batch); an image's logits may differ in their last bits with the
+    batch around it, so scoring never uses this."""
+    picked = _picked_rows(tokens, patch_index)
+    hidden = F.gelu(F.linear(picked, w1.float(), b1.float()), approximate="none")
+    return F.linear(hidden, w2.float().reshape(1, -1), b2.float().reshape(1)).squeeze(-1)
+
+
+def patch_score_reference(tokens, patch_index, w1, b1, w2, b2, cls_weight: float = 0.7, batch_invariant: bool = True):
+    """The PyTorch reference: (cls_logit, patch_logit = mean over K, reward), each [B] fp32.
+    ``batch_invariant=False``: through ``row_logits_batched`` (faster; not for scoring)."""
+    rows = row_logits_reference if batch_invariant else row_logits_batched
+    logits = rows(tokens, patch_index, w1, b1, w2, b2)
     cls_logit, patch_logit = logits[:, 0], logits[:, 1:].mean(dim=1)
     return cls_logit, patch_logit, cls_weight * cls_logit + (1.0 - cls_weight) * patch_logit
 

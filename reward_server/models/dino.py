@@ -39,7 +39,7 @@ from torch import nn
 from ..config import TINY, DinoParams
 from ..errors import InvalidArgument
 from ..state import optimizer_state_from_tensors, optimizer_state_to_tensors
-from kernels import patch_hinge_loss, patch_score
+from kernels import backend_for, patch_hinge_loss, patch_score, patch_score_reference
 
 from ..feature_cache import FeatureCache
 from .base import (
@@ -291,10 +291,15 @@ class DinoDiscriminator(TrainableRewardModel):
         return keys, digest_seeds(keys, self.params.seed)
 
     @torch.no_grad()
-    def _rewards(self, tokens: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    def _rewards(self, tokens: torch.Tensor, seeds: Sequence[int], batch_invariant: bool = True) -> torch.Tensor:
         """The scoring path (no grad), through the fused kernel (``kernels`` dispatches: Triton on
-        CUDA, the PyTorch reference on CPU)."""
+        CUDA, the PyTorch reference on CPU). ``batch_invariant=False`` lets the CPU path run the
+        head over all rows at once: for figures about a whole batch, never for Score."""
         index = sample_patch_index(seeds, self.n_patches, self.k, self.device)
+        if not batch_invariant and backend_for(tokens) == "torch":
+            return patch_score_reference(
+                tokens, index, *self._head_weights(), cls_weight=self.params.cls_weight, batch_invariant=False
+            )[2]
         return patch_score(tokens, index, *self._head_weights(), cls_weight=self.params.cls_weight)[2]
 
     def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,8 +360,9 @@ class DinoDiscriminator(TrainableRewardModel):
             loss.backward()
             self.optimizer.step()
 
-        # Reported scores are the scoring path's rewards (content-seeded patches) after the update.
-        reward = self._rewards(tokens, seeds).tolist()  # one device sync; the sums are tiny
+        # Reported scores are the scoring path's rewards (content-seeded patches) after the update,
+        # for the whole batch at once: Score's rewards up to float rounding.
+        reward = self._rewards(tokens, seeds, batch_invariant=False).tolist()  # one device sync
         ref_reward, gen_reward = reward[:n_ref], reward[n_ref:]
         correct = sum(r > 0 for r in ref_reward) + sum(r < 0 for r in gen_reward)
         return UpdateResult(
