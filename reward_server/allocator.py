@@ -7,7 +7,7 @@ first: measured here, that page-fault work was most of a raw 16x512² round trip
 the price is that RSS stays at its high-water mark. With freed memory kept, every per-thread
 malloc arena keeps a high-water mark of its own (glibc makes up to 8 per core): capping them at
 ``arena_max`` cut the tiny preset's peak RSS under the memory benchmark's load from 1035-1551 MiB
-(7 runs) to 829-1156 MiB (5 runs) here, at the same throughput (docs/PERFORMANCE.md). No-op where glibc's mallopt
+(7 runs) to 829-1156 MiB (7 runs) here, at the same throughput (docs/PERFORMANCE.md). No-op where glibc's mallopt
 is unavailable.
 """
 
