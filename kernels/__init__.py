@@ -84,12 +84,17 @@ def patch_score(
     cls_weight: float = 0.7,
     *,
     backend: str = "auto",
+    batch_invariant: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cls_logit, patch_logit, reward), each [B] fp32: the head on CLS, the mean of the head over
-    the K sampled patches, and cls_weight·cls + (1 − cls_weight)·patch."""
+    the K sampled patches, and cls_weight·cls + (1 − cls_weight)·patch.
+
+    ``batch_invariant``: each image's outputs are the same bit for bit in any batch (what scoring
+    needs). False lets the torch backend run one product over all rows (faster; for figures about
+    a whole batch). The Triton kernel works on each image's rows alone either way."""
     check_inputs(tokens, patch_index, w1, b1, w2, b2)
     if _resolve(backend, tokens) == "torch":
-        return patch_score_reference(tokens, patch_index, w1, b1, w2, b2, cls_weight)
+        return patch_score_reference(tokens, patch_index, w1, b1, w2, b2, cls_weight, batch_invariant)
     return patch_score_triton(tokens, patch_index, w1, b1, w2, b2, cls_weight)
 
 

@@ -128,7 +128,7 @@ def check_readable(reader: SharedMemoryReader | None, ref, expected: bytes) -> t
         got = reader.read(ref.name, int(ref.offset), int(ref.size), "slice")
     except SegmentUnreadable as exc:
         return False, str(exc)
-    if got != bytes(expected):
+    if got != expected:
         return False, f"segment {ref.name!r} holds other bytes here (a segment of that name on another host?)"
     return True, ""
 

@@ -39,7 +39,7 @@ from torch import nn
 from ..config import TINY, DinoParams
 from ..errors import InvalidArgument
 from ..state import optimizer_state_from_tensors, optimizer_state_to_tensors
-from kernels import backend_for, patch_hinge_loss, patch_score, patch_score_reference
+from kernels import patch_hinge_loss, patch_score
 
 from ..feature_cache import FeatureCache
 from .base import (
@@ -293,14 +293,13 @@ class DinoDiscriminator(TrainableRewardModel):
     @torch.no_grad()
     def _rewards(self, tokens: torch.Tensor, seeds: Sequence[int], batch_invariant: bool = True) -> torch.Tensor:
         """The scoring path (no grad), through the fused kernel (``kernels`` dispatches: Triton on
-        CUDA, the PyTorch reference on CPU). ``batch_invariant=False`` lets the CPU path run the
-        head over all rows at once: for figures about a whole batch, never for Score."""
+        CUDA, the PyTorch reference on CPU). ``batch_invariant=False``: for figures about a whole
+        batch, never for Score (see ``kernels.patch_score``)."""
         index = sample_patch_index(seeds, self.n_patches, self.k, self.device)
-        if not batch_invariant and backend_for(tokens) == "torch":
-            return patch_score_reference(
-                tokens, index, *self._head_weights(), cls_weight=self.params.cls_weight, batch_invariant=False
-            )[2]
-        return patch_score(tokens, index, *self._head_weights(), cls_weight=self.params.cls_weight)[2]
+        weights = self._head_weights()
+        return patch_score(
+            tokens, index, *weights, cls_weight=self.params.cls_weight, batch_invariant=batch_invariant
+        )[2]
 
     def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         first, last = self.head[0], self.head[2]
