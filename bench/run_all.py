@@ -103,7 +103,8 @@ def table(results: dict) -> str:
             _met(mem["peak_rss_mib"] < mem["target_peak_rss_mib"]),
         ),
     ]
-    lines = [
+    lines = ["SMOKE RUN (--quick): too few rounds for the figures to mean anything", ""] if results.get("quick") else []
+    lines += [
         f"Machine: {m['cpu_model']} ({m.get('cpu_id', '')}), {m['cpu_cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}; "
         f"Python {m['python']}, torch {m['torch']}, grpcio {m['grpcio']}; {m['date']}; "
         f"load average before/after: {m.get('loadavg_1m_before', 0):.2f}/{m.get('loadavg_1m_after', 0):.2f}",
@@ -119,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
     p.add_argument("--no-diagnostic", action="store_true", help="skip the malloc diagnostic run of the transport bench")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (2 transport rounds, 1 s batching windows; implies --no-diagnostic): checks that "
+        "every benchmark runs, its figures mean nothing",
+    )
     args = p.parse_args(argv)
 
     t0 = time.monotonic()
@@ -132,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     print("transport ...", file=sys.stderr, flush=True)
-    results["transport"] = transport.run()
-    if not args.no_diagnostic:
+    results["quick"] = args.quick
+    results["transport"] = transport.run(rounds=2, warmup=1, streams=1, stream_groups=2) if args.quick else transport.run()
+    if not (args.no_diagnostic or args.quick):
         print("transport (malloc diagnostic) ...", file=sys.stderr, flush=True)
         results["transport_malloc_diagnostic"] = transport.run_malloc_diagnostic()
     print("batching + memory ...", file=sys.stderr, flush=True)
-    results["batching"] = batching.run()
+    results["batching"] = (
+        batching.run(segments=1, segment_s=1.0, warmup_s=0.5, memory_duration_s=2.0) if args.quick else batching.run()
+    )
     results["wall_s"] = round(time.monotonic() - t0, 1)
     results["machine"]["loadavg_1m_after"] = os.getloadavg()[0]
     results["targets_met"] = {

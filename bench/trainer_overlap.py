@@ -256,7 +256,8 @@ def summarise(records: list[dict]) -> dict:
     for k in TIME_KEYS:
         out[f"median_{k[len('time_') :]}"] = round(statistics.median(r[k] for r in records), 4)
     epochs = [r["time_epoch_s"] for r in records]
-    q = statistics.quantiles(epochs, n=4)
+    # quantiles needs two points; a one-epoch smoke run (--epochs 1) has one per mode
+    q = statistics.quantiles(epochs, n=4) if len(epochs) > 1 else epochs * 3
     out.update(p25_epoch_s=round(q[0], 4), p75_epoch_s=round(q[2], 4), mean_epoch_s=round(statistics.fmean(epochs), 4))
     out["epoch_s_all"] = epochs
     images = sum(r["server_images"] for r in records)
