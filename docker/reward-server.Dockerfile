@@ -12,13 +12,13 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2
 
 WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
-COPY pyproject.toml README.md constraints.txt ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY protos ./protos
 COPY reward_server ./reward_server
-RUN pip install ".[server]" grpcio-tools \
-    && python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
-         protos/advgrpo/reward/v1/reward.proto \
-    && pip install --no-deps --force-reinstall . \
+# the DINO model scores through kernels/ (Triton on CUDA, its PyTorch reference elsewhere)
+COPY kernels ./kernels
+# setup.py generates the gRPC modules from protos/ during the build
+RUN pip install ".[server]" \
     && useradd --create-home --uid 1000 reward && mkdir -p /state && chown reward /state
 
 USER reward

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -222,12 +223,40 @@ class _ModelFields:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
+# What a model's name must look like: it names its state file (<state-dir>/<name>.safetensors).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_GRPC_MESSAGE_BYTES = (1 << 31) - 1  # gRPC keeps message lengths in an int32
+
+
+def address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets (``[::1]:50051``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
+    # "[::1]" (as in a URL) and "::1" both mean the IPv6 literal; keep it bare.
+    if server.host.startswith("[") and server.host.endswith("]"):
+        server.host = server.host[1:-1]
+    if not server.host:
+        raise ConfigError("server.host: must not be empty")
     if not 0 <= server.port <= 65535:
         raise ConfigError(f"server.port: must be in 0..65535, got {server.port}")
-    if server.max_message_bytes < 1024:
-        raise ConfigError("server.max_message_bytes: must be at least 1024")
+    if server.http_port is not None and not 0 <= server.http_port <= 65535:
+        raise ConfigError(f"server.http_port: must be in 0..65535, got {server.http_port}")
+    if not 1024 <= server.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
+        raise ConfigError(
+            f"server.max_message_bytes: must be in 1024..{MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), "
+            f"got {server.max_message_bytes}"
+        )
+    if server.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"server.log_level: expected one of {', '.join(LOG_LEVELS)}, got {server.log_level!r}")
     for m in models:
+        if not MODEL_NAME.match(m.name):
+            raise ConfigError(
+                f"models.{m.name}: a model name may use only letters, digits, '_', '.' and '-' "
+                "(it names the model's state file)"
+            )
         b = m.batching
         if b.max_batch_size < 1:
             raise ConfigError(f"models.{m.name}.batching.max_batch_size: must be >= 1")

@@ -16,7 +16,7 @@ import torch
 import uvicorn
 
 from .allocator import keep_freed_memory
-from .config import ServerConfig
+from .config import ServerConfig, address
 from .errors import ConfigError
 from .host import ModelHost
 from .models.base import resolve_device
@@ -94,6 +94,8 @@ class RewardServer:
 
     async def stop(self) -> None:
         grace = self.config.server.drain_grace_s
+        if self.host is not None:
+            self.host.metrics.ready.set(0)  # advgrpo_ready follows health: not ready while draining
         if self._http_state is not None:
             self._http_state.draining = True
         if self.grpc is not None:
@@ -107,9 +109,9 @@ class RewardServer:
 
     def ready_info(self) -> dict:
         s = self.config.server
-        info = {"event": "ready", "grpc": f"{s.host}:{self.grpc.port}", "grpc_port": self.grpc.port}
+        info = {"event": "ready", "grpc": address(s.host, self.grpc.port), "grpc_port": self.grpc.port}
         if self.http_port is not None:
-            info.update(http=f"http://{s.host}:{self.http_port}", http_port=self.http_port)
+            info.update(http=f"http://{address(s.host, self.http_port)}", http_port=self.http_port)
         info["models"] = [m.__dict__ for m in self.host.list_models()]
         return info
 

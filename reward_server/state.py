@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .config import MODEL_NAME
 from .errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 VERSION_KEY = "version"
 FINGERPRINT_KEY = "fingerprint"
 
@@ -34,7 +33,7 @@ class StateStore:
             raise ConfigError(f"--state-dir {self.dir}: not writable")
 
     def path(self, model: str) -> Path:
-        if not _NAME.match(model):
+        if not MODEL_NAME.match(model):  # config refuses such names; a guard for direct use
             raise ValueError(f"model name {model!r} is not usable as a file name")
         return self.dir / f"{model}.safetensors"
 

@@ -87,3 +87,55 @@ def test_bad_config_files_name_the_problem(tmp_path, yaml_text, message):
     f.write_text(yaml_text)
     with pytest.raises(ConfigError, match=message):
         load_config(None, f)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("server: {http_port: 70000}", "server.http_port: must be in 0..65535, got 70000"),
+        ("server: {max_message_bytes: 3221225472}", r"server.max_message_bytes: must be in 1024..2147483647"),
+        ("server: {log_level: verbose}", "server.log_level: expected one of DEBUG, INFO"),
+        ("server: {host: ''}", "server.host: must not be empty"),
+        ("models: {dino/v2: {kind: noop}}", r"models.dino/v2: a model name may use only letters"),
+        ("models: {'..': {kind: noop}}", None),  # dots alone are a legal file name part: accepted
+    ],
+)
+def test_server_settings_are_checked_before_anything_starts(tmp_path, yaml_text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text + ("" if "models" in yaml_text else "\nmodels: {n: {kind: noop}}"))
+    if message is None:
+        load_config(None, f)
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, f)
+
+
+def test_ipv6_hosts_are_kept_bare_and_bracketed_in_addresses():
+    from reward_server.config import address
+
+    for given in ("::1", "[::1]"):
+        cfg = load_config("noop", overrides={"server": {"host": given}})
+        assert cfg.server.host == "::1"
+        assert address(cfg.server.host, 50051) == "[::1]:50051"
+    assert address("127.0.0.1", 50051) == "127.0.0.1:50051"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--http-port", "70000"], "server.http_port"),
+        (["--max-message-bytes", "3221225472"], "server.max_message_bytes"),
+        (["--log-level", "verbose"], "server.log_level"),
+    ],
+)
+def test_bad_flags_exit_2_with_the_setting_named(flags, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "reward_server", "--preset", "noop", *flags],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "config error" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import math
+import signal
+import time
 
 import httpx
 import numpy as np
@@ -122,6 +124,8 @@ def test_score_with_default_weights(http):
         (b'{"no_such_field": 1}', "no_such_field"),
         (b'{"weights": {"dino": "heavy"}}', "heavy"),
         (b"\xff\xfe", "invalid JSON"),
+        (b'{"groups": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"weights": ' + b'{"a": ' * 5_000 + b"1" + b"}" * 5_000 + b"}", "invalid JSON"),
     ],
 )
 def test_score_bad_json_is_400(http, body, fragment):
@@ -267,3 +271,30 @@ def test_update_history_survives_a_flood_of_score_events(http, client):
     versions = [p["version"] for p in stats["updates"]["dino"]]
     assert done.version in versions and versions == sorted(versions)
     assert all(e["kind"] == "score" for e in stats["events"])  # the update event itself was evicted
+
+
+def test_bodies_over_the_limit_are_refused_before_they_are_read(start_server, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("server: {drain_notice_s: 5}\n")
+    server = start_server("--preset", "noop", "--max-message-bytes", "1024", "--config", str(config))
+    url = server.info["http"]
+    with httpx.Client(base_url=url, timeout=30) as http:
+        expect_error(http.post("/v1/score", content=b"{" + b" " * 5000 + b"}"), 413, "exceeds the limit of 2048")
+
+        def chunks():  # no Content-Length: refused while it streams in
+            for _ in range(100):
+                yield b" " * 1000
+
+        expect_error(http.post("/v1/score", content=chunks()), 413, "exceeds the limit of 2048 bytes")
+        assert http.post("/v1/score", json={"groups": [group_json([smooth_image(np.random.default_rng(0), 8)])]}).status_code == 200
+
+        def ready_gauge() -> float:
+            lines = [x for x in http.get("/metrics").text.splitlines() if x.startswith("advgrpo_ready ")]
+            return float(lines[0].split()[1])
+
+        assert ready_gauge() == 1.0
+        server.proc.send_signal(signal.SIGTERM)  # draining: /readyz and the gauge both say not ready
+        deadline = time.monotonic() + 4
+        while http.get("/readyz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http.get("/readyz").status_code == 503 and ready_gauge() == 0.0

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +58,85 @@ def test_reward_server_dockerfile_copies_existing_paths_and_runs_a_valid_command
     config = yaml.safe_load(out.stdout)
     assert config["server"]["port"] == 50051 and config["server"]["http_port"] == 8080
     assert config["server"]["state_dir"] == "/state" and set(config["models"]) == {"dino", "pickscore", "ocr"}
+
+
+def _dockerfile_copy_sources() -> list[str]:
+    sources = []
+    for op, rest in dockerfile_instructions(REPO / "docker/reward-server.Dockerfile"):
+        if op == "COPY":
+            sources += rest.split()[:-1]
+    return sources
+
+
+@pytest.mark.slow
+def test_the_docker_images_files_build_a_server_that_starts(tmp_path):
+    """The image is built from the files its Dockerfile copies (and nothing the checkout generated):
+    those, as git has them, must build a wheel (setup.py generating the gRPC modules) whose server
+    starts on the tiny preset, with every model, in an environment that has only that wheel
+    and the dependencies."""
+    src = tmp_path / "src"
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z", "--", *_dockerfile_copy_sources()], cwd=REPO, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, src / rel)
+    assert not list(src.rglob("*_pb2.py")), "generated modules must come from the build, not the checkout"
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("advgrpo-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    assert {"advgrpo/reward/v1/reward_pb2.py", "advgrpo/reward/v1/reward_pb2_grpc.py", "kernels/__init__.py"} <= names
+
+    # A bare environment: the wheel unpacked in its site-packages, the dependencies reached through a
+    # plain path entry (which, unlike our .venv's own site dir, does not run the checkout's editable hook).
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+    (site,) = env_dir.glob("lib/python*/site-packages")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = env_dir / "bin" / "python"
+    proc = subprocess.Popen(
+        [str(python), "-m", "reward_server", "--preset", "tiny", "--port", "0", "--no-http"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        ready = json.loads(line)
+        assert {m["name"] for m in ready["models"]} == {"dino", "pickscore", "ocr"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    where = subprocess.run(
+        [str(python), "-c", "import reward_server, advgrpo.reward.v1.reward_pb2 as pb; print(reward_server.__file__, pb.__file__)"],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert all(Path(f).is_relative_to(site) for f in where), where
+
+
+def test_the_client_imports_without_the_server_extras():
+    """Trainers install the base package (plus their own extra): the client must not need torch,
+    transformers, the HTTP stack or anything else only the server extra brings."""
+    server_only = ["torch", "transformers", "safetensors", "blake3", "grpc_reflection", "rapidocr_onnxruntime",
+                   "rapidfuzz", "starlette", "uvicorn", "prometheus_client"]  # fmt: skip
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {server_only!r}:\n"
+        "            raise ImportError('server-only module imported: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from reward_server.client import RewardClient, Group\n"
+        "RewardClient('127.0.0.1:1').close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
 
 
 def test_console_script_is_installed():

@@ -349,3 +349,26 @@ def test_sigterm_drains_not_serving_then_finishes_in_flight_streams(start_server
     assert list(responses) == []
     assert server.proc.wait(30) == 0
     channel.close()
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_serves_on_an_ipv6_host(start_server):
+    import urllib.request
+
+    server = start_server("--preset", "noop", "--host", "::1")
+    assert server.target.startswith("[::1]:") and server.info["http"].startswith("http://[::1]:")
+    with RewardClient(server.target) as client:
+        assert client.score([Group("p", [np.zeros((8, 8, 3), np.uint8)])])[0].rewards == [0.0]
+    with urllib.request.urlopen(server.info["http"] + "/healthz", timeout=10) as r:
+        assert r.status == 200

@@ -10,6 +10,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 
+from ..config import address as listen_address
 from ..errors import ConfigError
 from ..host import ModelHost
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
@@ -43,7 +44,7 @@ class GrpcFrontend:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        address = f"{settings.host}:{settings.port}"
+        address = listen_address(settings.host, settings.port)
         try:
             self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:

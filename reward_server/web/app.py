@@ -69,21 +69,39 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
+    body_limit = settings.max_message_bytes * 2  # base64 inflates by 4/3
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413) as soon as it is known to be over the limit: from Content-Length
+        before reading anything, else while it streams in."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > body_limit:
+            raise _HttpError(413, f"request body of {int(declared)} bytes exceeds the limit of {body_limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > body_limit:
+                raise _HttpError(413, f"request body exceeds the limit of {body_limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def parse(request: Request, message_type):
-        body = await request.body()
-        if len(body) > settings.max_message_bytes * 2:  # base64 inflates by 4/3
-            raise _HttpError(413, f"request body of {len(body)} bytes exceeds the limit")
+        body = await read_body(request)
         name = message_type.DESCRIPTOR.full_name
         try:
             data = json.loads(body) if body.strip() else {}
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
             raise _HttpError(400, f"invalid JSON for {name}: {exc}") from None
+        except RecursionError:
+            raise _HttpError(400, f"invalid JSON for {name}: nested too deeply") from None
         if not isinstance(data, dict):
             raise _HttpError(400, f"invalid JSON for {name}: expected an object, got {type(data).__name__}")
         try:
             return json_format.ParseDict(data, message_type())
         except (json_format.ParseError, ValueError, TypeError) as exc:
             raise _HttpError(400, f"invalid JSON for {name}: {exc}") from None
+        except RecursionError:
+            raise _HttpError(400, f"invalid JSON for {name}: nested too deeply") from None
 
     def to_json(message) -> JSONResponse:
         return JSONResponse(
