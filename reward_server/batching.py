@@ -25,9 +25,15 @@ would exceed it is rejected whole with ``ResourceExhausted``. Callers are expect
 a deadline; a caller cancelled while waiting loses its undispatched items, and results of its
 dispatched ones are discarded.
 
-Failures: if ``run_batch`` raises (or returns a result count other than its item count, a
-``RuntimeError``), every request with items in that batch gets the exception and its queued
-items are dropped; requests outside that batch are unaffected.
+Failures: ``run_batch`` raising (or returning a result count other than its item count, a
+``RuntimeError``) fails a batch. One bad request must not fail the requests it was merged
+with, so when a failed batch holds items of more than one request, each request's items of
+that batch are run again alone, in batch order, before anything else runs (so still under the
+same model version): a request whose items succeed alone gets their results, one whose items
+fail alone gets that exception. A batch of one request's items is not run again: the request
+gets the batch's exception. A failed request's queued items are dropped (a split request is
+not run further); requests outside that batch are unaffected. Each re-run is a model call of
+its own (``on_batch`` sees it with ``retry=True``).
 
 Event loop: the batcher can be constructed anywhere (it creates no asyncio objects); it binds
 to the running loop on the first ``submit``/``run_exclusive``, where it starts its worker task.
@@ -63,6 +69,7 @@ class BatchStats:
     queue_wait_s: float  # oldest item: submission -> dispatch
     run_s: float  # dispatch -> results back on the event loop
     ok: bool = True  # False when run_batch raised or returned the wrong number of results
+    retry: bool = False  # a re-run of one request's items alone, after their merged batch failed
 
 
 class _Request:
@@ -141,9 +148,10 @@ class DynamicBatcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
 
         # Counters (monotonic; read them for metrics).
-        self.batches_run = 0
+        self.batches_run = 0  # model calls, re-runs included
         self.items_run = 0
         self.requests_rejected = 0
+        self.retries_run = 0  # re-runs of one request's items after a merged batch failed
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -346,39 +354,81 @@ class DynamicBatcher(Generic[T, R]):
         items = [x for req, start, stop in parts for x in req.items[start:stop]]
         dispatched = loop.time()
         wait = dispatched - parts[0][0].arrival
+        # _running covers the re-runs too: a worker stopped during one fails all these callers.
         self._running, self._inflight = parts, len(items)
         try:
-            out = await loop.run_in_executor(self._executor, self._run_batch, items)
             try:
-                n = len(out)
-            except TypeError:
-                n = None
-            if n != len(items):
-                got = f"{n} results" if n is not None else f"a {type(out).__name__}"
-                raise RuntimeError(
-                    f"{self._label}: run_batch returned {got} for a batch of {len(items)} items"
-                )
-        except Exception as exc:
-            ok = False
-            for req, _, _ in parts:
-                self._fail(req, exc)
-        else:
-            ok = True
-            offset = 0
-            for req, start, stop in parts:
-                k = stop - start
-                if not req.future.done():  # done: its caller was cancelled or it failed earlier
-                    req.results[start:stop] = out[offset : offset + k]
-                    req.remaining -= k
-                    if req.remaining == 0:
-                        req.future.set_result(req.results)
-                offset += k
+                out = await self._call(loop, items)
+            except Exception as exc:
+                error: Exception | None = exc
+            else:
+                error = None
+                self._deliver(parts, out)
+            self._record(len(items), len(parts), wait, loop.time() - dispatched, error is None)
+            if error is None:
+                return
+            if len(parts) == 1:  # nothing else was in the batch: running it again changes nothing
+                self._fail(parts[0][0], error)
+                return
+            log.warning(
+                "%s: a batch of %d requests failed (%s: %s); running each request's items alone",
+                self._label, len(parts), type(error).__name__, error,
+            )
+            for part in parts:
+                await self._run_alone(loop, part)
         finally:
             self._running, self._inflight = [], 0
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, part: tuple[_Request, int, int]) -> None:
+        """Re-runs one request's part of a failed merged batch on its own."""
+        req, start, stop = part
+        if req.future.done():  # its caller was cancelled: nobody wants the results
+            return
+        dispatched = loop.time()
+        try:
+            out = await self._call(loop, req.items[start:stop])
+        except Exception as exc:
+            ok = False
+            self._fail(req, exc)
+        else:
+            ok = True
+            self._deliver([part], out)
+        self.retries_run += 1
+        self._record(stop - start, 1, dispatched - req.arrival, loop.time() - dispatched, ok, retry=True)
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, items: list) -> Sequence:
+        """One model call on the executor; its results, checked to be one per item."""
+        out = await loop.run_in_executor(self._executor, self._run_batch, items)
+        try:
+            n = len(out)
+        except TypeError:
+            n = None
+        if n != len(items):
+            got = f"{n} results" if n is not None else f"a {type(out).__name__}"
+            raise RuntimeError(
+                f"{self._label}: run_batch returned {got} for a batch of {len(items)} items"
+            )
+        return out
+
+    def _deliver(self, parts: list[tuple[_Request, int, int]], out: Sequence) -> None:
+        """Routes a call's results (in ``parts`` order) to their requests."""
+        offset = 0
+        for req, start, stop in parts:
+            k = stop - start
+            if not req.future.done():  # done: its caller was cancelled or it failed earlier
+                req.results[start:stop] = out[offset : offset + k]
+                req.remaining -= k
+                if req.remaining == 0:
+                    req.future.set_result(req.results)
+            offset += k
+
+    def _record(
+        self, size: int, requests: int, wait: float, run: float, ok: bool, retry: bool = False
+    ) -> None:
         self.batches_run += 1
-        self.items_run += len(items)
+        self.items_run += size
         if self._on_batch is not None:
-            stats = BatchStats(len(items), len(parts), wait, loop.time() - dispatched, ok)
+            stats = BatchStats(size, requests, wait, run, ok, retry)
             try:
                 self._on_batch(stats)
             except Exception:  # metrics must never stop the batcher

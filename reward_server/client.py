@@ -1,8 +1,9 @@
 """The Python client trainers import: ``RewardClient("127.0.0.1:50051").score([...])``.
 
 It encodes tensors/arrays/PIL images (raw RGB8 by default: cheapest to encode and to decode),
-splits groups that exceed the message budget into several requests and stitches the answers
-back, sets a deadline on every call, and retries UNAVAILABLE with exponential backoff.
+splits groups that exceed the message budget or image count into several requests and stitches
+the answers back, sets a deadline on every call (and on every unanswered stream message), and
+retries UNAVAILABLE with exponential backoff within a time budget.
 Discriminator updates carry an idempotency key, so retrying them is safe too.
 
 Depends only on grpc, numpy and PIL: no torch, no server code.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import random
 import struct
@@ -23,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
-from .images import encode_image_parts
+from .images import RAW, encode_image_parts
 from .shared_memory import SharedMemoryArena, SharedMemoryFull, SharedMemorySlots, StreamClosed
 
 log = logging.getLogger(__name__)
@@ -74,11 +77,52 @@ class ModelInfo:
 
 @dataclass
 class RetryPolicy:
-    max_attempts: int = 6
+    """How a call that fails with a ``retryable`` status (UNAVAILABLE) is retried: after a jittered
+    exponential backoff (``initial_backoff_s``, times ``multiplier`` per retry, at most
+    ``max_backoff_s``), for as long as both limits allow. ``max_elapsed_s``: no retry starts later
+    than this many seconds after the first attempt began (the last wait is shortened to end by
+    then; an attempt in progress runs to its own deadline), so the default 30 s outlasts a server
+    restart (drain plus model reload). ``max_attempts``: at most this many attempts in all.
+    ``None`` turns a limit off; at least one must be set. ``ScoreStream`` is never retried."""
+
+    max_attempts: int | None = None
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
     retryable: tuple = field(default=_RETRYABLE)
+    max_elapsed_s: float | None = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is None and self.max_elapsed_s is None:
+            raise ValueError("RetryPolicy: set max_attempts or max_elapsed_s (or both)")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.max_elapsed_s is not None and self.max_elapsed_s < 0:
+            raise ValueError(f"RetryPolicy.max_elapsed_s must be >= 0, got {self.max_elapsed_s}")
+
+
+class ClientRpcError(grpc.RpcError):
+    """A failure the client itself detected, shaped like grpc's errors (``code()``, ``details()``):
+    ``score_stream``'s ``DEADLINE_EXCEEDED`` when the server leaves its messages unanswered."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> tuple:
+        return ()
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+    def debug_error_string(self) -> str:
+        return str(self)
 
 
 class RewardClient:
@@ -97,6 +141,7 @@ class RewardClient:
         min_call_bytes: int = 4 << 20,
         max_rescores: int = 3,
         stream_slots: int = 8,
+        max_images_per_call: int = 1024,
     ):
         """``keep_freed_memory``: tune this process's glibc allocator to keep freed buffers (see
         reward_server.allocator); it makes raw image transfers much cheaper, process-wide.
@@ -121,9 +166,20 @@ class RewardClient:
 
         ``max_rescores``: a group whose parts (split across calls) came back under different
         model versions, because a discriminator update landed between them, is scored again, up
-        to this many times; then ``score`` raises rather than mix versions within a group."""
-        if parallel_calls < 1 or min_call_bytes < 1 or max_rescores < 0:
-            raise ValueError("parallel_calls and min_call_bytes must be >= 1, max_rescores >= 0")
+        to this many times; then ``score`` raises rather than mix versions within a group.
+
+        ``max_images_per_call``: a Score request carries at most this many images (groups are
+        split like for bytes); keep it at most the server's ``server.max_images_per_request``.
+
+        ``max_message_bytes``: keep it equal to the server's ``server.max_message_bytes``. An
+        ``update_discriminator`` is one request; one whose raw images would exceed this limit
+        through the socket sends them as PNG instead (lossless), and raises ValueError if even
+        that does not fit.
+
+        ``timeout_s``: the deadline of each call; for ``score_stream``, how long the server may
+        leave messages unanswered (see there)."""
+        if parallel_calls < 1 or min_call_bytes < 1 or max_rescores < 0 or max_images_per_call < 1:
+            raise ValueError("parallel_calls, min_call_bytes and max_images_per_call must be >= 1, max_rescores >= 0")
         if shared_memory not in (True, False, "auto"):
             raise ValueError(f"shared_memory must be True, False or 'auto', got {shared_memory!r}")
         if keep_freed_memory:
@@ -135,7 +191,9 @@ class RewardClient:
         self.encoding = encoding
         self.retry = retry or RetryPolicy()
         # Leave headroom below the limit for the non-image fields of a request.
+        self.max_message_bytes = max_message_bytes
         self.chunk_bytes = max(1024, int(max_message_bytes * 0.9))
+        self.max_images_per_call = max_images_per_call
         self.parallel_calls = parallel_calls
         self.min_call_bytes = min_call_bytes
         self.max_rescores = max_rescores
@@ -150,6 +208,10 @@ class RewardClient:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
+                # gRPC's own reconnect backoff grows to 120 s by default: a channel would then
+                # sit out a restarted server for longer than the retry budget. Keep it short.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", max(100, int(self.retry.max_backoff_s * 1000))),
             ],
         )
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
@@ -290,61 +352,149 @@ class RewardClient:
         self, groups: Iterable[Group], weights: dict[str, float] | None = None
     ) -> Iterator[GroupScore]:
         """Streams groups as they come (e.g. as a sampler decodes them) and yields each group's
-        scores in order, as soon as the server has them. The server scores several at once."""
-        parts_fifo: list[list[tuple[int, int]]] = []
-        counter = [0]
+        scores in order, as soon as the server has them. The server scores several at once.
+
+        No deadline covers the whole stream (it may last as long as ``groups`` does), but while
+        messages are unanswered the server must answer one within ``timeout_s`` (counted from
+        the oldest unanswered message's sending or the previous answer, whichever is later; and
+        once ``groups`` is exhausted, end the stream within ``timeout_s`` of the last answer):
+        else the call is cancelled (its segments dropped) and a ``grpc.RpcError`` with
+        ``DEADLINE_EXCEEDED`` raised. Answers are taken as they come, so a caller slow to take
+        them does not count against the server.
+        If ``groups`` raises (or an image cannot be encoded), the stream ends there: the groups
+        before it are yielded, then that exception is raised."""
         slots = self._stream_slots if self._stream_slots is not None and self.uses_shared_memory() else None
-        # One entry per message in flight: its arena, or None for a message sent inline.
-        held: collections.deque[SharedMemoryArena | None] = collections.deque()
-        ended = threading.Event()
-        held_lock = threading.Lock()  # the request thread appends, this one drains at the end
+        timeout_s = self.timeout_s
+        counter = [0]
+        # Shared by the caller's thread, grpc's request thread and the answer thread, under ``cond``:
+        inflight: collections.deque[tuple[float, list, SharedMemoryArena | None]] = collections.deque()
+        answers: collections.deque[tuple[Any, list]] = collections.deque()  # received, not yet taken
+        cond = threading.Condition()
+        ended = threading.Event()  # the caller's side is done with the stream: send nothing more
+        state: dict[str, Any] = {"done": False, "error": None, "failure": None, "failed_at": None,
+                                 "last_answer": 0.0, "closed_at": None}
 
         def requests() -> Iterator[reward_pb2.ScoreRequest]:
-            for g in groups:
-                index = counter[0]
-                counter[0] += 1
-                for request, parts in self._requests([self._encode_group(g, index)], weights, self.chunk_bytes):
-                    if slots is not None:
-                        try:
-                            arena = slots.acquire(ended.is_set)
-                        except StreamClosed:
-                            return
-                        # Under the lock, so that the stream's end (which drops what is held)
-                        # never races a segment being made.
-                        with held_lock:
-                            if ended.is_set():  # the stream ended while we waited: never sent
-                                slots.release(arena)
-                                return
+            index = None
+            try:
+                for g in groups:
+                    index = counter[0]
+                    counter[0] += 1
+                    for request, parts in self._requests([self._encode_group(g, index)], weights, self.chunk_bytes):
+                        arena = None
+                        if slots is not None:
                             try:
-                                request = request.via_shared_memory(arena)
-                            except SharedMemoryFull as exc:
-                                log.warning("stream group %d goes through the socket: %s", index, exc)
-                                slots.release(arena)
-                                arena = None
-                            held.append(arena)
-                    parts_fifo.append(parts)
-                    yield request
+                                arena = slots.acquire(ended.is_set)
+                            except StreamClosed:
+                                return
+                        # Under the lock, so that the stream's end (which drops what is in
+                        # flight) never races a segment being made.
+                        with cond:
+                            if ended.is_set():  # the stream ended while we waited: never sent
+                                if arena is not None:
+                                    slots.release(arena)
+                                return
+                            if arena is not None:
+                                try:
+                                    request = request.via_shared_memory(arena)
+                                except SharedMemoryFull as exc:
+                                    log.warning("stream group %d goes through the socket: %s", index, exc)
+                                    slots.release(arena)
+                                    arena = None
+                                except BaseException:
+                                    slots.drop(arena)
+                                    raise
+                            inflight.append((time.monotonic(), parts, arena))
+                            cond.notify_all()
+                        yield request
+                    index = None
+            except GeneratorExit:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the caller's, raised in the caller's thread
+                # Raised here, grpc would cancel the call as UNKNOWN "Exception iterating
+                # requests!"; instead the stream ends (what was sent is answered), then it is raised.
+                with cond:
+                    state["failure"], state["failed_at"] = exc, index
+                    cond.notify_all()
+            finally:  # all sent: the server owes the answers and the stream's end
+                with cond:
+                    state["closed_at"] = time.monotonic()
+                    cond.notify_all()
 
+        call = self._score_stream(requests(), metadata=self._metadata, timeout=None)
+
+        def receive() -> None:
+            """Takes the answers as they come (so the caller's pace never looks like a silent
+            server) and frees their segments."""
+            try:
+                for response in call:
+                    with cond:
+                        if not inflight:
+                            raise RuntimeError("reward server answered more stream messages than were sent")
+                        _, parts, arena = inflight.popleft()
+                        answers.append((response, parts))
+                        state["last_answer"] = time.monotonic()
+                        cond.notify_all()
+                    if arena is not None:
+                        slots.release(arena)  # answered: the server has copied its bytes out
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                with cond:
+                    state["error"] = exc
+            finally:
+                with cond:
+                    state["done"] = True
+                    cond.notify_all()
+
+        receiver = threading.Thread(target=receive, name="score-stream-answers", daemon=True)
+        receiver.start()
         pending: list[_Part] = []
         ok = False
         try:
-            for response in self._score_stream(requests(), metadata=self._metadata, timeout=None):
-                parts = parts_fifo.pop(0)
-                if slots is not None and (arena := held.popleft()) is not None:
-                    slots.release(arena)  # answered: the server has copied its bytes out
+            while True:
+                with cond:
+                    while not answers and not state["done"]:
+                        if inflight:
+                            since = max(inflight[0][0], state["last_answer"])
+                        elif state["closed_at"] is not None:  # only the stream's end is owed
+                            since = max(state["closed_at"], state["last_answer"])
+                        else:  # nothing owed: the caller's groups are slow in coming
+                            cond.wait()
+                            continue
+                        left = since + timeout_s - time.monotonic()
+                        if left <= 0:
+                            raise ClientRpcError(
+                                grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"reward server {self.target}: ScoreStream left unanswered for {timeout_s:g}s "
+                                f"({len(inflight)} message(s) in flight); the call was cancelled",
+                            )
+                        cond.wait(left)
+                    if not answers:
+                        break
+                    response, parts = answers.popleft()
                 for part in _collect(response, parts):
                     if pending and part.index != pending[0].index:
                         yield _merge_stream_parts(pending)
                         pending = []
                     pending.append(part)
+            if state["failure"] is not None:  # the caller's: it ended the stream
+                if state["error"] is not None:
+                    log.warning("reward server %s: ScoreStream failed too: %s", self.target, state["error"])
+                elif pending and pending[0].index != state["failed_at"]:
+                    yield _merge_stream_parts(pending)  # a whole group, sent before the failure
+                raise state["failure"]
+            if state["error"] is not None:
+                raise state["error"]
             ok = True
         finally:
-            with held_lock:
+            with cond:
                 ended.set()
-                while held:  # unanswered (a failed or abandoned stream): the server may still read them
-                    arena = held.popleft()
-                    if arena is None:
-                        continue
+                unanswered = [arena for _, _, arena in inflight]
+                inflight.clear()
+            if not ok:
+                call.cancel()  # a failed or abandoned stream (a no-op once the call has ended)
+            receiver.join(5.0)
+            for arena in unanswered:  # the server may still read them, unless the stream ended well
+                if arena is not None:
                     if ok:
                         slots.release(arena)
                     else:
@@ -360,7 +510,11 @@ class RewardClient:
         steps: int = 1,
         update_id: str | None = None,
     ) -> UpdateResult:
-        """One discriminator update (``steps`` optimizer steps); safe to retry (idempotency key)."""
+        """One discriminator update (``steps`` optimizer steps); safe to retry (idempotency key).
+
+        It is one request (one atomic update). Through the socket, raw images that would make it
+        larger than ``max_message_bytes`` go as PNG (lossless: the same pixels, the same update);
+        if even that is too large, ValueError, before anything is sent."""
         request = _UpdateBatch(
             model,
             [self._encode_group(g, i) for i, g in enumerate(references)],
@@ -375,19 +529,28 @@ class RewardClient:
     # ------------------------------------------------------------------ internals
 
     def _call(self, method: Callable[..., T], request) -> T:
+        """``method(request)`` with this client's deadline, retried as ``self.retry`` says."""
         policy = self.retry
         backoff = policy.initial_backoff_s
-        for attempt in range(1, policy.max_attempts + 1):
+        give_up_at = None if policy.max_elapsed_s is None else time.monotonic() + policy.max_elapsed_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return method(request, timeout=self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() not in policy.retryable or attempt == policy.max_attempts:
+                if exc.code() not in policy.retryable:
                     raise
                 delay = backoff * (0.5 + random.random() / 2)  # jitter keeps clients from stampeding
+                left = math.inf if give_up_at is None else give_up_at - time.monotonic()
+                if left <= 0 or (policy.max_attempts is not None and attempt >= policy.max_attempts):
+                    log.warning("reward server %s: %s; giving up after %d attempt(s)", self.target,
+                                exc.code().name, attempt)
+                    raise
+                delay = min(delay, left)
                 log.warning("reward server %s: %s; retry %d in %.2fs", self.target, exc.code().name, attempt, delay)
                 time.sleep(delay)
                 backoff = min(backoff * policy.multiplier, policy.max_backoff_s)
-        raise AssertionError("unreachable")
 
     def _call_concurrently(self, method, requests: list) -> list:
         """The responses to ``requests``, in order, with up to ``parallel_calls`` in flight.
@@ -442,17 +605,46 @@ class RewardClient:
     def _call_images(self, method, request: "_ScoreBatch | _UpdateBatch", arena: SharedMemoryArena | None):
         """``_call``; with ``arena`` (held), the image bytes go through shared memory."""
         if arena is None:
-            return self._call(method, request)
+            return self._call(method, self._fit_inline(request))
         try:
             placed = request.via_shared_memory(arena)
         except SharedMemoryFull as exc:
             log.warning("reward server %s: this call's images go through the socket: %s", self.target, exc)
-            return self._call(method, request)
+            return self._call(method, self._fit_inline(request))
         try:
             return self._call(method, placed)
         except BaseException:
             arena.discard()  # the server may still be reading it: never rewrite it
             raise
+
+    def _fit_inline(self, request: "_ScoreBatch | _UpdateBatch") -> "_ScoreBatch | _UpdateBatch":
+        """``request`` as it can go through the socket. Score requests are packed to fit already;
+        an update, which cannot be split, has its raw images re-encoded as PNG when it would
+        exceed ``max_message_bytes``, and raises ValueError if it is still too large."""
+        if not isinstance(request, _UpdateBatch) or request.nbytes() <= self.max_message_bytes:
+            return request
+        limit, raw_size = self.max_message_bytes, request.nbytes()
+        fix = ("pass the images through shared memory (shared_memory=True or 'auto', server on this "
+               "host) or raise max_message_bytes on both sides (the client's and the server's "
+               "server.max_message_bytes), or send fewer images per update")
+        groups = request.references + request.generated
+        if not any(e == RAW for g in groups for e, *_ in g.images):
+            raise ValueError(f"update_discriminator request is {raw_size} bytes, over the message limit of "
+                             f"{limit} bytes (max_message_bytes): {fix}")
+        t0 = time.perf_counter()
+        packed = [_Encoded(g.index, g.group_id, g.prompt, [_png_parts(*image) for image in g.images]) for g in groups]
+        n = len(request.references)
+        fitted = _UpdateBatch(request.model, packed[:n], packed[n:], request.steps, request.update_id)
+        size = fitted.nbytes()
+        if size > limit:
+            raise ValueError(
+                f"update_discriminator request is {raw_size} bytes with raw images and {size} bytes as "
+                f"PNG, over the message limit of {limit} bytes (max_message_bytes): {fix}"
+            )
+        log.info("reward server %s: update_discriminator's raw images (%.1f MB) exceed the %.1f MB message "
+                 "limit; sent as PNG instead (lossless, %.1f MB, encoded in %.2fs)", self.target,
+                 raw_size / 1e6, limit / 1e6, size / 1e6, time.perf_counter() - t0)
+        return fitted
 
     def _encode_group(self, group: Group, index: int) -> "_Encoded":
         images = [encode_image_parts(img, self.encoding) for img in group.images]
@@ -461,14 +653,16 @@ class RewardClient:
     def _requests(
         self, encoded: Sequence["_Encoded"], weights, budget: int
     ) -> Iterator[tuple["_ScoreBatch", list]]:
-        """Packs groups into requests of at most ``budget`` bytes, in order, filling each request
-        image by image: a group that does not fit the room left is split there (one image always
-        goes, so an image bigger than the budget travels alone). Every request but the last thus
-        holds more than ``budget`` minus one image. Sizes are summed from the image bytes
-        (protobuf's ByteSize() walks 12 MB per call)."""
+        """Packs groups into requests of at most ``budget`` bytes and ``max_images_per_call``
+        images, in order, filling each request image by image: a group that does not fit the room
+        left is split there (one image always goes, so an image bigger than the budget travels
+        alone). Every request but the last thus holds more than ``budget`` minus one image, or
+        ``max_images_per_call`` images. Sizes are summed from the image bytes (protobuf's
+        ByteSize() walks 12 MB per call)."""
+        max_images = self.max_images_per_call
         batch = _ScoreBatch([], dict(weights or {}))
         parts: list[tuple[int, int]] = []  # (group index, part number) per group in the request
-        size = 0
+        size = count = 0  # bytes and images in ``batch``
         for enc in encoded:
             head, images = enc.head_bytes(), enc.images
             start = part_no = 0
@@ -476,13 +670,13 @@ class RewardClient:
                 taken, piece_size = start, head  # images[start:taken] fit the room left
                 while taken < len(images):
                     image_size = len(images[taken][3]) + _FIELD_OVERHEAD
-                    if size + piece_size + image_size > budget:
+                    if size + piece_size + image_size > budget or count + taken - start >= max_images:
                         break
                     piece_size += image_size
                     taken += 1
                 if taken == start and parts and (start < len(images) or size + head > budget):
                     yield batch, parts  # no room left: the rest goes in a new request
-                    batch, parts, size = _ScoreBatch([], dict(weights or {})), [], 0
+                    batch, parts, size, count = _ScoreBatch([], dict(weights or {})), [], 0, 0
                     continue
                 if taken == start < len(images):  # alone, and still over the budget: it goes anyway
                     piece_size += len(images[taken][3]) + _FIELD_OVERHEAD
@@ -490,6 +684,7 @@ class RewardClient:
                 batch.groups.append(_Encoded(enc.index, enc.group_id, enc.prompt, images[start:taken]))
                 parts.append((enc.index, part_no))
                 size += piece_size
+                count += taken - start
                 start, part_no = taken, part_no + 1
                 if start >= len(images):
                     break
@@ -613,6 +808,11 @@ class _UpdateBatch:
         chunks.append(_string_field(5, self.update_id))
         return b"".join(chunks)
 
+    def nbytes(self) -> int:
+        """An upper bound of the serialised request's size."""
+        groups = self.references + self.generated
+        return len(self.model.encode()) + len(self.update_id.encode()) + 32 + sum(g.nbytes() for g in groups)
+
     def via_shared_memory(self, arena: SharedMemoryArena) -> "_UpdateBatch":
         placed = _place_groups(self.references + self.generated, arena)
         n = len(self.references)
@@ -620,6 +820,14 @@ class _UpdateBatch:
 
 
 _FIELD_OVERHEAD = 16  # bytes of tags and lengths per image / group, generously
+
+
+def _png_parts(encoding: int, height: int, width: int, data) -> tuple[int, int, int, Any]:
+    """An encoded image's fields with raw RGB8 pixels as PNG (lossless); others as they are."""
+    if encoding != RAW:
+        return encoding, height, width, data
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
+    return encode_image_parts(pixels, "png")
 
 
 @dataclass

@@ -113,6 +113,10 @@ class ServerSettings:
     state_dir: Path | None = None  # where discriminator state is made durable
     max_message_bytes: int = 64 * 1024 * 1024
     max_image_side: int = 4096
+    max_aspect_ratio: float = 16.0  # an image's long side / short side (CLIP/OCR resizing blows up past it)
+    # height*width*3 summed over one request's images (and PNG/JPEG bytes read from /dev/shm),
+    # checked before anything is decoded: 1 GiB is ~1400 images of 512x512.
+    max_request_decoded_bytes: int = 1 << 30
     max_images_per_request: int = 1024
     max_stream_inflight: int = 8  # ScoreStream requests scored concurrently per stream
     max_update_steps: int = 1000  # optimizer steps one UpdateDiscriminator may ask for
@@ -249,6 +253,10 @@ def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
             f"server.max_message_bytes: must be in 1024..{MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), "
             f"got {server.max_message_bytes}"
         )
+    if server.max_request_decoded_bytes < 1:
+        raise ConfigError(f"server.max_request_decoded_bytes: must be >= 1, got {server.max_request_decoded_bytes}")
+    if not server.max_aspect_ratio >= 1:  # also refuses NaN
+        raise ConfigError(f"server.max_aspect_ratio: must be >= 1, got {server.max_aspect_ratio}")
     if server.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"server.log_level: expected one of {', '.join(LOG_LEVELS)}, got {server.log_level!r}")
     for m in models:

@@ -7,27 +7,54 @@ from typing import Sequence
 from advgrpo.reward.v1 import reward_pb2
 
 from .host import GroupInput, GroupResult, ModelHost, ModelStatus, UpdateOutcome
-from .images import RAW, decode_image
+from .images import RAW, decode_image, image_size
 
 
-def _decode_groups(groups: Sequence[reward_pb2.ImageGroup], field: str, max_side: int, shm) -> list[GroupInput]:
+Fields = Sequence[tuple[str, Sequence[reward_pb2.ImageGroup]]]  # (field name, its groups)
+
+
+def _decode_request(host: ModelHost, fields: Fields) -> list[list[GroupInput]]:
+    """Checks every image's size and the request's decoded-bytes budget, then decodes them all:
+    nothing is decoded or copied out of shared memory before every check has passed."""
+    server, shm = host.config.server, host.shared_memory
+    limits = (server.max_image_side, shm, server.max_aspect_ratio)
+    sizes, total = [], 0
+    for field, groups in fields:
+        for i, g in enumerate(groups):
+            for j, img in enumerate(g.images):
+                h, w, extra = image_size(img, f"{field}[{i}].images[{j}]", *limits)
+                sizes.append((h, w))
+                total += h * w * 3 + extra
+    host.check_decoded_bytes(total, len(sizes))
+    size = iter(sizes)
     return [
-        GroupInput(
-            g.group_id,
-            g.prompt,
-            [decode_image(img, f"{field}[{i}].images[{j}]", max_side, shm) for j, img in enumerate(g.images)],
-        )
-        for i, g in enumerate(groups)
+        [
+            GroupInput(
+                g.group_id,
+                g.prompt,
+                [decode_image(img, f"{field}[{i}].images[{j}]", *limits, next(size)) for j, img in enumerate(g.images)],
+            )
+            for i, g in enumerate(groups)
+        ]
+        for field, groups in fields
     ]
 
 
+async def decode_request(host: ModelHost, fields: Fields) -> list[list[GroupInput]]:
+    """Decodes and validates every image of a request's image fields (one budget for them all).
+    PNG/JPEG decoding and shared-memory reads run in the decode pool, off the event loop; a request
+    of inline RAW images only (no work but wrapping the bytes) is decoded in place."""
+    offload = any(
+        img.encoding != RAW or img.shared_memory.name for _, groups in fields for g in groups for img in g.images
+    )
+    if offload:
+        return await host.run_decode(_decode_request, host, fields)
+    return _decode_request(host, fields)
+
+
 async def decode_groups(host: ModelHost, groups: Sequence[reward_pb2.ImageGroup], field: str) -> list[GroupInput]:
-    """Decodes and validates every image; PNG/JPEG decoding runs off the event loop."""
-    max_side = host.config.server.max_image_side
-    compressed = any(img.encoding != RAW for g in groups for img in g.images)
-    if compressed:
-        return await host.run_decode(_decode_groups, groups, field, max_side, host.shared_memory)
-    return _decode_groups(groups, field, max_side, host.shared_memory)
+    """``decode_request`` of one field."""
+    return (await decode_request(host, [(field, groups)]))[0]
 
 
 async def score(host: ModelHost, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
@@ -52,8 +79,7 @@ async def update(host: ModelHost, request: reward_pb2.UpdateDiscriminatorRequest
     host.trainable_model(request.model)  # NOT_FOUND / FAILED_PRECONDITION before any decoding
     host.check_groups(request.references, "references")
     host.check_groups(request.generated, "generated")
-    refs = await decode_groups(host, request.references, "references")
-    gens = await decode_groups(host, request.generated, "generated")
+    refs, gens = await decode_request(host, [("references", request.references), ("generated", request.generated)])
     outcome = await host.update(request.model, refs, gens, request.steps, request.update_id)
     return update_response(outcome)
 

@@ -218,6 +218,17 @@ class ModelHost:
         if total > limit:
             raise ResourceExhausted(f"{field_name}: {total} images in one request, the limit is {limit}")
 
+    def check_decoded_bytes(self, total: int, images: int) -> None:
+        """The request-wide budget: ``total`` is height*width*3 summed over its ``images`` (plus the
+        PNG/JPEG bytes read from shared memory), known before any image is decoded or copied."""
+        limit = self.config.server.max_request_decoded_bytes
+        if total > limit:
+            raise ResourceExhausted(
+                f"the request's {images} images need {total} bytes decoded (height*width*3 each, plus "
+                f"PNG/JPEG bytes read from shared memory), over server.max_request_decoded_bytes = {limit}; "
+                f"send fewer or smaller images per request"
+            )
+
     async def score(self, groups: Sequence[GroupInput], weights: dict[str, float]) -> list[GroupResult]:
         weights = self.resolve_weights(weights)
         self.check_groups(groups)

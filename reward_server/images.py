@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 from advgrpo.reward.v1 import reward_pb2
 
 from .errors import InvalidArgument
-from .shared_memory import SharedMemoryReader, read_shared
+from .shared_memory import SharedMemoryReader, open_shared, read_shared
 
 RAW = reward_pb2.ENCODING_RAW_RGB8
 PNG = reward_pb2.ENCODING_PNG
@@ -25,26 +25,63 @@ _ENCODINGS = {"raw": RAW, "png": PNG, "jpeg": JPEG, RAW: RAW, PNG: PNG, JPEG: JP
 _PIL_FORMATS = {PNG: "PNG", JPEG: "JPEG"}
 
 DEFAULT_MAX_SIDE = 4096
+DEFAULT_MAX_ASPECT_RATIO = 16.0
+
+
+def image_size(
+    msg: reward_pb2.Image,
+    where: str,
+    max_side: int = DEFAULT_MAX_SIDE,
+    shm: SharedMemoryReader | None = None,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> tuple[int, int, int]:
+    """(height, width, slice bytes) of one ``Image``, checked, before anything is decoded or copied.
+
+    RAW from its fields (and its byte count against them); PNG/JPEG from the image's header (read
+    from shared memory as far as the header goes), which the declared height/width, where set, must
+    match. ``slice bytes`` is what decoding will copy out of shared memory on top of the pixels: the
+    size of a PNG/JPEG slice (0 otherwise). Raises InvalidArgument naming ``where``."""
+    enc = msg.encoding
+    if enc == RAW:
+        h, w = _raw_size(msg, where, max_side, max_aspect_ratio)
+        return h, w, 0
+    if enc in _PIL_FORMATS:
+        name = _PIL_FORMATS[enc]
+        ref = msg.shared_memory
+        if ref.name:
+            _check_one_source(msg, where)
+            if not ref.size:
+                raise InvalidArgument(f"{where}: empty {name} data")
+            with open_shared(shm, ref, where) as fp:
+                h, w = _header_size(fp, msg, where, name, max_side, max_aspect_ratio)
+            return h, w, int(ref.size)
+        if not len(msg.data):
+            raise InvalidArgument(f"{where}: empty {name} data")
+        h, w = _header_size(io.BytesIO(msg.data), msg, where, name, max_side, max_aspect_ratio)
+        return h, w, 0
+    raise _bad_encoding(enc, where)
 
 
 def decode_image(
-    msg: reward_pb2.Image, where: str, max_side: int = DEFAULT_MAX_SIDE, shm: SharedMemoryReader | None = None
+    msg: reward_pb2.Image,
+    where: str,
+    max_side: int = DEFAULT_MAX_SIDE,
+    shm: SharedMemoryReader | None = None,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Decodes one ``Image`` message to a uint8 [H, W, 3] array; raises InvalidArgument naming ``where``.
 
     The bytes are ``msg.data`` or, when ``msg.shared_memory`` names a segment, read through
-    ``shm`` (None: this server does not read shared memory)."""
+    ``shm`` (None: this server does not read shared memory). ``size``: the (height, width)
+    ``image_size`` found; a PNG/JPEG whose header now says otherwise (its segment was rewritten
+    since) is refused before its pixels are decoded."""
     enc = msg.encoding
     if enc == RAW:
-        h, w = msg.height, msg.width
-        _check_dims(h, w, where, max_side)
-        expected = h * w * 3
+        h, w = _raw_size(msg, where, max_side, max_aspect_ratio)
         data = _image_bytes(msg, where, shm)
-        if len(data) != expected:
-            raise InvalidArgument(
-                f"{where}: RAW_RGB8 data has {len(data)} bytes, expected height*width*3 = "
-                f"{h}*{w}*3 = {expected}"
-            )
+        if len(data) != h * w * 3:
+            raise InvalidArgument(f"{where}: RAW_RGB8 data has {len(data)} bytes, expected {h}*{w}*3 = {h * w * 3}")
         return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
     if enc in _PIL_FORMATS:
         name = _PIL_FORMATS[enc]
@@ -53,40 +90,87 @@ def decode_image(
             raise InvalidArgument(f"{where}: empty {name} data")
         try:
             pil = PILImage.open(io.BytesIO(data), formats=[name])
-            w, h = pil.size  # header only: check before decoding the pixels
-            _check_dims(h, w, where, max_side)
+            h, w = _checked_size(pil, msg, where, name, max_side, max_aspect_ratio)  # before decoding
+            if size is not None and (h, w) != tuple(size):
+                raise InvalidArgument(
+                    f"{where}: the {name} is {h}x{w} now but was {size[0]}x{size[1]} when the request "
+                    f"was checked (its shared-memory segment was rewritten meanwhile)"
+                )
             pil.load()
             arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
         except InvalidArgument:
             raise
         except Exception as exc:  # PIL raises many types for corrupt data
             raise InvalidArgument(f"{where}: cannot decode {name} data ({exc})") from None
-        if (msg.height and msg.height != arr.shape[0]) or (msg.width and msg.width != arr.shape[1]):
-            raise InvalidArgument(
-                f"{where}: declared {msg.height}x{msg.width} but the {name} is "
-                f"{arr.shape[0]}x{arr.shape[1]}"
-            )
         return arr
-    raise InvalidArgument(
+    raise _bad_encoding(enc, where)
+
+
+def _raw_size(msg: reward_pb2.Image, where: str, max_side: int, max_aspect_ratio: float) -> tuple[int, int]:
+    """A RAW image's checked height and width; its byte count (inline or the slice's) must match."""
+    h, w = msg.height, msg.width
+    _check_dims(h, w, where, max_side, max_aspect_ratio)
+    ref = msg.shared_memory
+    if ref.name:
+        _check_one_source(msg, where)
+    n = int(ref.size) if ref.name else len(msg.data)
+    if n != h * w * 3:
+        raise InvalidArgument(
+            f"{where}: RAW_RGB8 data has {n} bytes, expected height*width*3 = {h}*{w}*3 = {h * w * 3}"
+        )
+    return h, w
+
+
+def _header_size(fp, msg, where: str, name: str, max_side: int, max_aspect_ratio: float) -> tuple[int, int]:
+    try:
+        pil = PILImage.open(fp, formats=[name])  # reads the header only
+        return _checked_size(pil, msg, where, name, max_side, max_aspect_ratio)
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise InvalidArgument(f"{where}: cannot decode {name} data ({exc})") from None
+
+
+def _checked_size(pil, msg, where: str, name: str, max_side: int, max_aspect_ratio: float) -> tuple[int, int]:
+    w, h = pil.size
+    _check_dims(h, w, where, max_side, max_aspect_ratio)
+    if (msg.height and msg.height != h) or (msg.width and msg.width != w):
+        raise InvalidArgument(f"{where}: declared {msg.height}x{msg.width} but the {name} is {h}x{w}")
+    return h, w
+
+
+def _bad_encoding(enc: int, where: str) -> InvalidArgument:
+    return InvalidArgument(
         f"{where}: encoding must be ENCODING_RAW_RGB8, ENCODING_PNG or ENCODING_JPEG, "
         f"got {reward_pb2.Encoding.Name(enc) if enc in reward_pb2.Encoding.values() else enc}"
     )
+
+
+def _check_one_source(msg: reward_pb2.Image, where: str) -> None:
+    if len(msg.data):
+        raise InvalidArgument(f"{where}: set data or shared_memory, not both")
 
 
 def _image_bytes(msg: reward_pb2.Image, where: str, shm: SharedMemoryReader | None):
     ref = msg.shared_memory
     if not ref.name:
         return msg.data
-    if len(msg.data):
-        raise InvalidArgument(f"{where}: set data or shared_memory, not both")
+    _check_one_source(msg, where)
     return read_shared(shm, ref, where)
 
 
-def _check_dims(h: int, w: int, where: str, max_side: int) -> None:
+def _check_dims(h: int, w: int, where: str, max_side: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
     if h == 0 or w == 0:
         raise InvalidArgument(f"{where}: height and width must be positive, got {h}x{w}")
     if h > max_side or w > max_side:
-        raise InvalidArgument(f"{where}: {h}x{w} exceeds the maximum side of {max_side} pixels")
+        raise InvalidArgument(
+            f"{where}: {h}x{w} exceeds the maximum side of {max_side} pixels (server.max_image_side)"
+        )
+    if max(h, w) > max_aspect_ratio * min(h, w):
+        raise InvalidArgument(
+            f"{where}: {h}x{w} has an aspect ratio (long side / short side) of {max(h, w) / min(h, w):g}, "
+            f"over server.max_aspect_ratio = {max_aspect_ratio:g}"
+        )
 
 
 def to_uint8_hwc(image: Any) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Image bytes passed through POSIX shared memory by a client on the server's host.
 
 The socket then carries only the request's small fields: the client writes its pixels once into
-a segment it owns (``/dev/shm/advgrpo-...``), and the server copies them out of it while decoding
-(``SharedMemoryReader.read``). Copying out, rather than scoring from the mapping, means nothing
-the server keeps (a cached feature, a queued batch) can see the client reuse the segment.
+a segment it owns (``/dev/shm/advgrpo-...``), and the server copies them out of it with ``pread``
+while decoding, off its event loop (``SharedMemoryReader.read``). Copying out, rather than scoring
+from the segment, means nothing the server keeps (a cached feature, a queued batch) can see the
+client reuse the segment.
 
 The client side (``SharedMemoryArena``) depends only on the standard library and numpy: the
 client library must not import the server's torch-heavy modules. Linux only (``/dev/shm``); in
@@ -12,12 +13,13 @@ containers, server and trainer need the same /dev/shm (``ipc: host`` or a shared
 
 from __future__ import annotations
 
-import mmap
+import errno
+import io
 import os
 import re
+import stat
 import threading
 import uuid
-from collections import OrderedDict
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -31,7 +33,8 @@ MAX_CHECK_BYTES = 64  # CheckSharedMemoryRequest.expected
 
 class SegmentUnreadable(InvalidArgument):
     """A well-formed name this server cannot read: no such segment here (another host or IPC
-    namespace) or no permission (another user). CheckSharedMemory answers it as not readable."""
+    namespace), no permission (another user), or not a regular file (a symlink, FIFO, directory...).
+    CheckSharedMemory answers it as not readable."""
 
 
 class SharedMemoryFull(OSError):
@@ -39,80 +42,165 @@ class SharedMemoryFull(OSError):
 
 
 class SharedMemoryReader:
-    """Server side: maps client segments read-only (cached, by name and inode) and copies slices out."""
+    """Server side: copies slices out of client segments with ``pread``; keeps nothing open.
 
-    def __init__(self, root: Path = SHM_DIR, max_mappings: int = 64):
+    Nothing is mapped: a client that shrinks its segment under the server costs the read a short
+    count (INVALID_ARGUMENT), where a mapping would kill the server with SIGBUS. Every read opens
+    the segment afresh (``O_NOFOLLOW | O_NONBLOCK``) and insists on a regular file, so a symlink,
+    FIFO, directory or device named like a segment is refused without being followed, read or
+    waited on. Reads block on the kernel's copy only: the server runs them off the event loop.
+    """
+
+    def __init__(self, root: Path = SHM_DIR):
         self.root = root
-        self.max_mappings = max_mappings
-        self._maps: OrderedDict[str, tuple[int, mmap.mmap]] = OrderedDict()  # name -> (inode, map)
-        self._lock = threading.Lock()  # decoding may run on the event loop and in a worker thread
 
     def read(self, name: str, offset: int, size: int, where: str) -> bytes:
+        fd = self._open(name, offset, size, where)
+        try:
+            data = _pread_exact(fd, size, offset)
+        finally:
+            os.close(fd)
+        if data is None:
+            raise InvalidArgument(
+                f"{where}.shared_memory: segment {name!r} shrank below offset {offset} + size {size} "
+                f"while the server read it"
+            )
+        return data  # a copy: the client may reuse the segment after we answer
+
+    def open(self, name: str, offset: int, size: int, where: str) -> io.BufferedReader:
+        """A read-only file over one slice that reads the segment as it goes (to parse an image's
+        header without copying the image out); close it after use."""
+        return io.BufferedReader(_SliceFile(self._open(name, offset, size, where), offset, size), 16384)
+
+    def _open(self, name: str, offset: int, size: int, where: str) -> int:
+        """An fd of the segment (a regular file holding the slice); SegmentUnreadable otherwise."""
         if not _NAME.fullmatch(name):
             raise InvalidArgument(
                 f"{where}.shared_memory.name: {name!r} is not a segment name this server reads "
                 f"(expected {PREFIX}[A-Za-z0-9_.-]+)"
             )
-        with self._lock:
-            mapping = self._mapping(name, where)
-            if offset + size > len(mapping):
+        path = self.root / name
+        try:  # lstat first: never open (nor wait on) a FIFO or device named like a segment
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise _NotRegular(st.st_mode)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _unreadable(exc, name, where) from None
+        try:
+            st = os.fstat(fd)  # it may have been replaced between lstat and open
+            if not stat.S_ISREG(st.st_mode):
+                raise _unreadable(_NotRegular(st.st_mode), name, where)
+            if st.st_size == 0:
+                raise InvalidArgument(f"{where}.shared_memory.name: segment {name!r} is empty")
+            if offset + size > st.st_size:
                 raise InvalidArgument(
                     f"{where}.shared_memory: offset {offset} + size {size} is past the end of segment "
-                    f"{name!r} ({len(mapping)} bytes)"
+                    f"{name!r} ({st.st_size} bytes)"
                 )
-            return mapping[offset : offset + size]  # a copy: the client may reuse the segment after we answer
-
-    def _mapping(self, name: str, where: str) -> mmap.mmap:
-        path = self.root / name
-        try:
-            inode = os.stat(path).st_ino
-        except FileNotFoundError:
-            raise SegmentUnreadable(
-                f"{where}.shared_memory.name: no shared-memory segment {name!r} on the server's host "
-                f"(is the client on another host or in another IPC namespace?)"
-            ) from None
-        cached = self._maps.get(name)
-        if cached is not None and cached[0] == inode:
-            self._maps.move_to_end(name)
-            return cached[1]
-        if cached is not None:  # the client replaced the segment (a new one under the same name)
-            cached[1].close()
-            del self._maps[name]
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except PermissionError:
-            raise SegmentUnreadable(
-                f"{where}.shared_memory.name: segment {name!r}: permission denied (the server runs as "
-                f"another user than the client)"
-            ) from None
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                raise InvalidArgument(f"{where}.shared_memory.name: segment {name!r} is empty")
-            # MAP_POPULATE: fault the pages in with one call instead of one fault per page.
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
-        finally:
+        except BaseException:
             os.close(fd)
-        self._maps[name] = (inode, mapping)
-        while len(self._maps) > self.max_mappings:
-            _, (_, old) = self._maps.popitem(last=False)
-            old.close()
-        return mapping
+            raise
+        return fd
 
     def close(self) -> None:
-        with self._lock:
-            for _, mapping in self._maps.values():
-                mapping.close()
-            self._maps.clear()
+        """Nothing to release (kept for callers that close their reader)."""
+
+
+class _NotRegular(OSError):
+    def __init__(self, mode: int):
+        kinds = ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                 (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+        super().__init__(next((k for test, k in kinds if test(mode)), "special file"))
+
+
+def _unreadable(exc: OSError, name: str, where: str) -> SegmentUnreadable:
+    field = f"{where}.shared_memory.name"
+    if isinstance(exc, FileNotFoundError):
+        return SegmentUnreadable(
+            f"{field}: no shared-memory segment {name!r} on the server's host "
+            f"(is the client on another host or in another IPC namespace?)"
+        )
+    if isinstance(exc, PermissionError):
+        return SegmentUnreadable(
+            f"{field}: segment {name!r}: permission denied (the server runs as another user than the client)"
+        )
+    if isinstance(exc, _NotRegular):
+        return SegmentUnreadable(f"{field}: {name!r} is a {exc}, not a shared-memory segment (a regular file)")
+    if exc.errno == errno.ELOOP:
+        return SegmentUnreadable(f"{field}: {name!r} is a symbolic link, not a shared-memory segment")
+    return SegmentUnreadable(f"{field}: segment {name!r} cannot be opened ({exc.strerror or exc})")
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes | None:
+    """``size`` bytes at ``offset`` (one copy, into the bytes returned); None if the file ends first."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    parts, got = [data], len(data)
+    while got < size:  # a read stops short at the end of the file (or after 2 GiB)
+        part = os.pread(fd, size - got, offset + got)
+        if not part:
+            return None
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+class _SliceFile(io.RawIOBase):
+    """Raw file over bytes [offset, offset + size) of an fd, read with pread; closes the fd."""
+
+    def __init__(self, fd: int, offset: int, size: int):
+        super().__init__()
+        self._fd, self._start, self._size, self._pos = fd, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self._size - self._pos)
+        if n <= 0:
+            return 0
+        with memoryview(buf) as view:
+            got = os.preadv(self._fd, [view.cast("B")[:n]], self._start + self._pos)
+        self._pos += got
+        return got
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + pos < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._pos = base + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 def read_shared(reader: SharedMemoryReader | None, ref, where: str) -> bytes:
     """The bytes an Image's ``shared_memory`` names; FAILED_PRECONDITION where the server has it off."""
+    return _reader(reader, where).read(ref.name, int(ref.offset), int(ref.size), where)
+
+
+def open_shared(reader: SharedMemoryReader | None, ref, where: str) -> io.BufferedReader:
+    """A file reading the slice an Image's ``shared_memory`` names as it goes (``SharedMemoryReader.open``)."""
+    return _reader(reader, where).open(ref.name, int(ref.offset), int(ref.size), where)
+
+
+def _reader(reader: SharedMemoryReader | None, where: str) -> SharedMemoryReader:
     if reader is None:
         raise FailedPrecondition(
             f"{where}.shared_memory: this server does not read shared memory (server.shared_memory: false)"
         )
-    return reader.read(ref.name, int(ref.offset), int(ref.size), where)
+    return reader
 
 
 def check_readable(reader: SharedMemoryReader | None, ref, expected: bytes) -> tuple[bool, str]:
@@ -218,7 +306,7 @@ class SharedMemorySlots:
     before its answer has come. ``acquire`` blocks (the stream's request thread) until a slot is
     free; ``release`` returns a slot once its message's answer has arrived (answers come in
     order); ``drop`` discards one the server may still be reading (after a failed stream).
-    Arenas are kept across streams, so the server keeps its mappings of them.
+    Arenas are kept across streams, so their segments are made once.
     """
 
     def __init__(self, capacity: int):

@@ -137,11 +137,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``; nested mappings merge, everything else replaces."""
-    out = dict(base)
+    """``override`` on top of ``base``, as a new dict: nested mappings merge, everything else
+    replaces. Nested mappings are copied, never shared with the inputs, so editing the result
+    (``apply_override``) cannot change a preset."""
+    out = {k: deep_merge({}, v) if isinstance(v, Mapping) else v for k, v in base.items()}
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
+        if isinstance(value, Mapping):
+            out[key] = deep_merge(out[key] if isinstance(out.get(key), Mapping) else {}, value)
         else:
             out[key] = value
     return out

@@ -20,7 +20,7 @@ from reward_server.errors import ResourceExhausted, Unavailable
 class FakeModel:
     """run_batch stand-in: records calls, returns item * 10, can block, fail or sleep."""
 
-    def __init__(self, sleep_s: float = 0.0, fail_on=None, wrong_count: bool = False):
+    def __init__(self, sleep_s: float = 0.0, fail_on=None, wrong_count: bool = False, hold_on=None):
         self.calls: list[list] = []
         self.events: list[str] = []  # enter/exit log shared with exclusive jobs
         self.lock = threading.Lock()
@@ -30,6 +30,9 @@ class FakeModel:
         self.sleep_s = sleep_s
         self.fail_on = fail_on
         self.wrong_count = wrong_count
+        self.hold_on = hold_on  # a call with exactly these items also waits for `held`
+        self.held = threading.Event()
+        self.holding = threading.Event()  # set when such a call is waiting
 
     def __call__(self, items: list) -> list:
         with self.lock:
@@ -38,10 +41,13 @@ class FakeModel:
         self.entered.set()
         try:
             assert self.gate.wait(10), "test never released the model"
+            if self.hold_on is not None and list(items) == self.hold_on:
+                self.holding.set()
+                assert self.held.wait(10), "test never released the held call"
             if self.sleep_s:
                 time.sleep(self.sleep_s)
             if self.fail_on is not None and self.fail_on in items:
-                raise ValueError(f"bad item {self.fail_on!r}")
+                raise ValueError(f"bad item {self.fail_on!r} in a call of {len(items)}")
             out = [x * 10 for x in items]
             return out[:-1] if self.wrong_count else out
         finally:
@@ -228,7 +234,7 @@ def test_queue_limit_rejects_whole_request_and_keeps_serving(executor):
 # -- failures -------------------------------------------------------------------------------
 
 
-def test_run_batch_exception_fails_only_that_batchs_requests(executor):
+def test_run_batch_exception_fails_only_the_request_that_fails_alone(executor):
     model = FakeModel(fail_on="bad")
     stats: list[BatchStats] = []
     b = make(model, executor, max_batch_size=4, max_delay_s=0.05, on_batch=stats.append)
@@ -239,9 +245,17 @@ def test_run_batch_exception_fails_only_that_batchs_requests(executor):
         return r, ok
 
     (a, c), ok = asyncio.run(main())
-    assert isinstance(a, ValueError) and isinstance(c, ValueError)  # merged: both fail
+    assert a == [10, 20]  # merged with the bad request, but fine on its own
+    assert isinstance(c, ValueError) and "a call of 1" in str(c)  # the exception of its own run
     assert ok == [30]
-    assert [s.ok for s in stats] == [False, True]
+    assert model.calls == [[1, 2, "bad"], [1, 2], ["bad"], [3]]
+    assert [(s.size, s.requests, s.ok, s.retry) for s in stats] == [
+        (3, 2, False, False),
+        (2, 1, True, True),
+        (1, 1, False, True),
+        (1, 1, True, False),
+    ]
+    assert (b.batches_run, b.items_run, b.retries_run) == (4, 7, 2)
 
 
 def test_failed_split_request_drops_its_queued_items(executor):
@@ -269,6 +283,245 @@ def test_wrong_result_count_is_runtime_error(executor):
     b = make(model, executor, max_delay_s=0.0)
     with pytest.raises(RuntimeError, match="returned 1 results for a batch of 2"):
         asyncio.run(b.submit([1, 2]))
+
+
+# -- a failed merged batch: each request's items run again alone -----------------------------
+
+
+def test_failed_merged_batch_answers_good_requests_around_a_bad_one(executor):
+    model = FakeModel(fail_on="bad")
+    b = make(model, executor, max_batch_size=8, max_delay_s=0.05)
+
+    async def main():
+        reqs = [[1, 2], [3], ["bad", 4], [5, 6, 7]]
+        return await asyncio.gather(*(b.submit(r) for r in reqs), return_exceptions=True)
+
+    a, c, bad, d = asyncio.run(main())
+    assert (a, c, d) == ([10, 20], [30], [50, 60, 70])
+    assert isinstance(bad, ValueError) and "a call of 2" in str(bad)
+    # One merged call, then each request's part alone, in batch order.
+    assert model.calls == [[1, 2, 3, "bad", 4, 5, 6, 7], [1, 2], [3], ["bad", 4], [5, 6, 7]]
+    assert b.retries_run == 4 and b.queue_depth == 0
+
+
+def test_every_request_failing_alone_gets_its_own_exception(executor):
+    def run(items):
+        raise ValueError(f"items {items}")
+
+    b = make(run, executor, max_delay_s=0.05)
+
+    async def main():
+        return await asyncio.gather(b.submit([1]), b.submit([2, 3]), return_exceptions=True)
+
+    a, c = asyncio.run(main())
+    assert str(a) == "items [1]" and str(c) == "items [2, 3]"
+    assert b.retries_run == 2
+
+
+def test_failure_only_the_merge_causes_is_recovered(executor):
+    # A model that cannot take the merged batch (e.g. out of memory) but can take each request.
+    model = FakeModel()
+
+    def run(items):
+        if len(items) > 2:
+            raise MemoryError("batch too large")
+        return model(items)
+
+    b = make(run, executor, max_delay_s=0.05)
+
+    async def main():
+        return await asyncio.gather(b.submit([1, 2]), b.submit([3]))
+
+    assert asyncio.run(main()) == [[10, 20], [30]]
+    assert model.calls == [[1, 2], [3]]
+
+
+def test_failed_batch_of_one_request_is_not_run_again(executor):
+    model = FakeModel(fail_on="bad")
+    stats: list[BatchStats] = []
+    b = make(model, executor, max_delay_s=0.0, on_batch=stats.append)
+
+    async def main():
+        with pytest.raises(ValueError, match="a call of 3"):
+            await b.submit([1, "bad", 2])
+        return await b.submit([4])
+
+    assert asyncio.run(main()) == [40]
+    assert model.calls == [[1, "bad", 2], [4]]
+    assert b.retries_run == 0 and [s.retry for s in stats] == [False, False]
+
+
+def test_wrong_result_count_in_merged_batch_is_retried_alone(executor):
+    model = FakeModel()
+
+    def run(items):
+        out = model(items)
+        return out[:-1] if len(items) == 3 else out
+
+    b = make(run, executor, max_delay_s=0.05)
+
+    async def main():
+        return await asyncio.gather(b.submit([1, 2]), b.submit([3]))
+
+    assert asyncio.run(main()) == [[10, 20], [30]]
+    assert model.calls == [[1, 2, 3], [1, 2], [3]]
+
+
+def test_split_bad_request_fails_and_its_tail_is_dropped(executor):
+    model = FakeModel(fail_on="bad")
+    b = make(model, executor, max_batch_size=4, max_delay_s=0.05)
+
+    async def main():
+        good = asyncio.create_task(b.submit([7, 8]))
+        bad = asyncio.create_task(b.submit([1, "bad", 3, 4, 5, 6]))  # [1, "bad"] in batch 1
+        later = asyncio.create_task(b.submit([9]))
+        with pytest.raises(ValueError, match="a call of 2"):
+            await bad
+        assert b.queue_depth <= 1  # the bad request's tail [3, 4, 5, 6] is gone
+        return await good, await later
+
+    assert asyncio.run(main()) == ([70, 80], [90])
+    assert model.calls == [[7, 8, 1, "bad"], [7, 8], [1, "bad"], [9]]
+
+
+def test_split_good_request_keeps_results_from_every_batch(executor):
+    model = FakeModel(fail_on="bad")
+    b = make(model, executor, max_batch_size=4, max_delay_s=0.05)
+
+    async def main():
+        # The good request's head runs with the bad request, its tail in the next batch.
+        return await asyncio.gather(
+            b.submit(["bad"]), b.submit([1, 2, 3, 4, 5]), b.submit([6]), return_exceptions=True
+        )
+
+    bad, good, other = asyncio.run(main())
+    assert isinstance(bad, ValueError)
+    assert good == [10, 20, 30, 40, 50] and other == [60]
+    assert model.calls == [["bad", 1, 2, 3], ["bad"], [1, 2, 3], [4, 5, 6]]
+
+
+def test_split_good_request_tail_in_failed_batch(executor):
+    model = FakeModel(fail_on="bad")
+    b = make(model, executor, max_batch_size=4, max_delay_s=0.05)
+
+    async def main():
+        # The good request's head runs first (and succeeds), its tail with the bad request.
+        return await asyncio.gather(b.submit([1, 2, 3, 4, 5, 6]), b.submit(["bad"]), return_exceptions=True)
+
+    good, bad = asyncio.run(main())
+    assert good == [10, 20, 30, 40, 50, 60] and isinstance(bad, ValueError)
+    assert model.calls == [[1, 2, 3, 4], [5, 6, "bad"], [5, 6], ["bad"]]
+
+
+def test_caller_cancelled_before_rerun_is_not_run_again(executor):
+    model = FakeModel(fail_on="bad")
+    b = make(model, executor, max_batch_size=8, max_delay_s=0.05)
+
+    async def main():
+        model.block()
+        victim = asyncio.create_task(b.submit([1]))
+        bad = asyncio.create_task(b.submit(["bad"]))
+        good = asyncio.create_task(b.submit([2]))
+        await wait_entered(model)  # the merged batch is running
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        model.release()
+        with pytest.raises(ValueError):
+            await bad
+        return await good
+
+    assert asyncio.run(main()) == [20]
+    assert model.calls == [[1, "bad", 2], ["bad"], [2]]
+
+
+def test_reruns_keep_queue_accounting_cancellation_and_barriers(executor):
+    # While a re-run is in flight: new requests queue (and count) behind it, a barrier waits
+    # for the re-runs, and a caller cancelled during its own re-run leaves the rest intact.
+    model = FakeModel(fail_on="bad", hold_on=[3])
+    b = make(model, executor, max_batch_size=8, max_delay_s=0.05, max_queue_items=4)
+
+    def update():
+        with model.lock:
+            model.events.append("update")
+        return "updated"
+
+    async def main():
+        first = asyncio.create_task(b.submit([1]))
+        bad = asyncio.create_task(b.submit(["bad"]))
+        held = asyncio.create_task(b.submit([3]))
+        last = asyncio.create_task(b.submit([4]))
+        assert await asyncio.to_thread(model.holding.wait, 5)  # [3] is being run again alone
+        assert await first == [10]
+        with pytest.raises(ValueError):
+            await bad
+        assert b.queue_depth == 0  # nothing of the failed batch went back to the queue
+        barrier = asyncio.create_task(b.run_exclusive(update))
+        after = asyncio.create_task(b.submit([5, 6, 7]))
+        await until(lambda: b.queue_depth == 3)
+        with pytest.raises(ResourceExhausted):
+            await b.submit([8, 9])  # 3 queued + 2 > 4: the re-runs do not free the queue
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        model.held.set()
+        assert await last == [40]
+        assert await barrier == "updated"
+        return await after
+
+    assert asyncio.run(main()) == [50, 60, 70]
+    assert model.calls == [[1, "bad", 3, 4], [1], ["bad"], [3], [4], [5, 6, 7]]
+    ev = model.events
+    assert ev.index("update") == len(ev) - 3  # after every re-run, before the next batch
+    assert b.queue_depth == 0
+
+
+def test_close_during_reruns_drains_them(executor):
+    model = FakeModel(fail_on="bad", hold_on=[2])
+    b = make(model, executor, max_batch_size=8, max_delay_s=0.05)
+
+    async def main():
+        tasks = [asyncio.create_task(b.submit(r)) for r in ([1], ["bad"], [2])]
+        assert await asyncio.to_thread(model.holding.wait, 5)
+        closing = asyncio.create_task(b.close())
+        await asyncio.sleep(0.01)
+        assert not closing.done()
+        model.held.set()
+        await closing
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    a, bad, c = asyncio.run(main())
+    assert a == [10] and c == [20] and isinstance(bad, ValueError)
+    assert b.closed
+
+
+def test_loop_shutdown_during_rerun_fails_waiters_with_unavailable(executor):
+    model = FakeModel(fail_on="bad", hold_on=[2])
+    b = make(model, executor, max_batch_size=8, max_delay_s=0.05)
+    seen = []
+
+    async def client(items):
+        try:
+            seen.append(await b.submit(items))
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        except Exception as exc:
+            seen.append(type(exc).__name__)
+
+    async def main():
+        for r in ([1], ["bad"], [2]):
+            asyncio.get_running_loop().create_task(client(r))
+        assert await asyncio.to_thread(model.holding.wait, 5)
+        # asyncio.run cancels the worker (mid re-run) and the waiting client at exit.
+
+    try:
+        asyncio.run(main())
+    finally:
+        model.held.set()
+    assert seen[:2] == [[10], "ValueError"] and seen[2] in ("cancelled", "Unavailable")
+    assert b.queue_depth == 0 and not b.closed
+    assert asyncio.run(b.submit([5])) == [50]  # binds to the new loop and serves again
 
 
 # -- cancellation ---------------------------------------------------------------------------

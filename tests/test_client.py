@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -27,24 +28,32 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_client_retries_unavailable_until_the_server_is_up(tmp_path):
+    """No attempt count: the time budget (30 s by default) outlasts a server that starts late,
+    where the old policy gave up after 6 attempts. The server process starts 3 s late."""
     port = free_port()
     cfg = tmp_path / "noop.yaml"
     cfg.write_text("models:\n  noop: {kind: noop, weight: 1.0, params: {value: 0.25}}\n")
-    client = RewardClient(
-        f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=200, initial_backoff_s=0.05, max_backoff_s=0.2)
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reward_server", "--config", str(cfg), "--port", str(port), "--no-http"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    client = RewardClient(f"127.0.0.1:{port}", retry=RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.5))
+    procs: list[subprocess.Popen] = []
+
+    def start() -> None:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "reward_server", "--config", str(cfg), "--port", str(port), "--no-http"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+
+    timer = threading.Timer(3.0, start)
+    timer.start()
     try:
         t0 = time.monotonic()
         result = client.score([Group("p", [np.zeros((4, 4, 3), np.uint8)])])  # sent before the server listens
         assert result[0].rewards == [0.25]
-        assert time.monotonic() - t0 > 0.2  # it really had to wait for the server
+        assert time.monotonic() - t0 > 3.0  # it really had to wait for the server
     finally:
-        proc.terminate()
-        proc.wait(30)
+        timer.join()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
         client.close()
 
 
@@ -52,10 +61,36 @@ def test_client_gives_up_after_max_attempts():
     client = RewardClient(
         f"127.0.0.1:{free_port()}", retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
     )
+    t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         client.list_models()
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - t0 < 5  # the attempt count, not the 30 s time budget, ended it
     client.close()
+
+
+def test_client_gives_up_once_the_retry_time_budget_is_spent():
+    client = RewardClient(
+        f"127.0.0.1:{free_port()}", retry=RetryPolicy(max_elapsed_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.2)
+    )
+    calls = []
+    inner = client._stub.ListModels
+    client._stub.ListModels = lambda *a, **kw: calls.append(1) or inner(*a, **kw)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            client.list_models()
+        took = time.monotonic() - t0
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert 1.0 <= took < 2.5 and len(calls) > 6  # more attempts than the old fixed 6
+    finally:
+        client.close()
+
+
+def test_retry_policy_needs_a_limit():
+    assert RetryPolicy().max_elapsed_s == 30.0 and RetryPolicy().max_attempts is None
+    with pytest.raises(ValueError, match="max_attempts or max_elapsed_s"):
+        RetryPolicy(max_attempts=None, max_elapsed_s=None)
 
 
 def test_encode_accepts_pil_arrays_and_tensors_and_round_trips():
@@ -102,6 +137,23 @@ def test_requests_fill_image_by_image_under_budget_and_in_order():
     big = client._encode_group(Group("p", [np.zeros((20, 20, 3), np.uint8)]), 0)
     assert [len(b.groups[0].images) for b, _ in client._requests([big, groups[3]], {}, 1000)] == [1, 1]
     client.close()
+
+
+def test_requests_carry_at_most_max_images_per_call():
+    client = RewardClient("127.0.0.1:1", max_images_per_call=4)
+    tiny = np.zeros((4, 4, 3), np.uint8)
+    groups = [client._encode_group(Group(f"p{g}", [tiny] * n), g) for g, n in enumerate([3, 0, 6, 1, 4])]
+    requests = list(client._requests(groups, {}, 1 << 20))  # bytes never bind here
+    counts = [sum(len(g.images) for g in batch.groups) for batch, _ in requests]
+    assert counts == [4, 4, 4, 2]  # all but the last request full
+    seen = [p for _, parts in requests for p in parts]
+    assert seen == sorted(seen) and {i for i, _ in seen} == {0, 1, 2, 3, 4}
+    # The default follows the server's server.max_images_per_request (1024).
+    default = RewardClient("127.0.0.1:1")
+    (big,) = [default._encode_group(Group("p", [tiny] * 1100), 0)]
+    assert [sum(len(g.images) for g in b.groups) for b, _ in default._requests([big], {}, 1 << 30)] == [1024, 76]
+    client.close()
+    default.close()
 
 
 def test_call_budget_divides_big_payloads_into_at_most_parallel_calls():

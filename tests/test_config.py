@@ -139,3 +139,15 @@ def test_bad_flags_exit_2_with_the_setting_named(flags, message):
     assert proc.returncode == 2, proc.stderr
     assert "config error" in proc.stderr and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_loading_with_overrides_never_changes_a_preset():
+    from trainer.config import load_train_config
+
+    off = ["adversarial.references=refs.json"]  # a path: read when training starts, not here
+    before = load_train_config("tiny", sets=off).reward.timeout_s
+    assert load_train_config("tiny", sets=[*off, "reward.timeout_s=7"]).reward.timeout_s == 7
+    assert load_train_config("tiny", sets=off).reward.timeout_s == before != 7
+    port = load_config("tiny").server.port
+    assert load_config("tiny", overrides={"server": {"port": port + 1}}).server.port == port + 1
+    assert load_config("tiny").server.port == port

@@ -13,7 +13,14 @@ from PIL import Image, ImageDraw, ImageFont
 from reward_server.config import ModelConfig, OcrParams
 from reward_server.errors import ConfigError, InvalidArgument
 from reward_server.models import build_model
-from reward_server.models.ocr import OcrReward, normalise, ocr_reward, ocr_target
+from reward_server.models.ocr import (
+    MAX_ASPECT,
+    OcrReward,
+    normalise,
+    ocr_reward,
+    ocr_target,
+    pad_thin,
+)
 
 
 def render(text: str, size: int = 512, font_size: int = 64) -> np.ndarray:
@@ -165,3 +172,65 @@ def test_bad_thread_count():
 def test_build_model():
     m = build_model(ModelConfig(name="text", kind="ocr", params=OcrParams()))
     assert isinstance(m, OcrReward) and m.name == "text" and m.kind == "ocr" and not m.trainable
+
+
+# ---------------------------------------------------------------- thin images
+
+
+THIN = [(1, 4096), (4096, 1), (20, 2500), (3, 40), (1, 1000), (1000, 1), (2, 8192), (1, 17), (1, 1)]
+
+
+@pytest.mark.parametrize("h, w", THIN)
+def test_pad_thin_survives_rapidocr_resize(model, h, w):
+    # RapidOCR's own preprocessing (limit-side resizes, rounding to multiples of 32) on the
+    # padded image: both sides at least 32, and no side blown up past what a 1:16 image gives.
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    padded = pad_thin(img)
+    out, _, _ = model._engine.preprocess(padded)
+    assert min(out.shape[:2]) >= 32
+    assert max(out.shape[:2]) / min(out.shape[:2]) <= MAX_ASPECT + 1
+
+
+@pytest.mark.parametrize("h, w", [(1, 4096), (4096, 1), (20, 2500)])
+def test_rapidocr_alone_fails_on_thin_images(model, h, w):
+    # Why pad_thin exists: the unpadded image breaks RapidOCR's resize.
+    from rapidocr_onnxruntime.utils.process_img import ResizeImgError
+
+    with pytest.raises(ResizeImgError):
+        model._engine.preprocess(np.zeros((h, w, 3), dtype=np.uint8))
+
+
+def test_pad_thin_geometry_and_fill():
+    img = np.full((3, 100, 3), (10, 20, 30), dtype=np.uint8)
+    img[1, 50] = (255, 255, 255)  # one odd pixel does not change the background
+    padded = pad_thin(img)
+    assert padded.shape == (7, 100, 3) and padded.dtype == np.uint8  # ceil(100 / 16) = 7
+    assert np.array_equal(padded[2:5], img)  # centred
+    assert (padded[:2] == (10, 20, 30)).all() and (padded[5:] == (10, 20, 30)).all()
+
+    tall = np.zeros((64, 1, 3), dtype=np.uint8)
+    assert pad_thin(tall).shape == (64, 4, 3)
+    assert np.array_equal(pad_thin(tall)[:, 1:2], tall)
+
+
+@pytest.mark.parametrize("h, w", [(512, 512), (16, 256), (256, 16), (3, 40), (40, 3), (1, 1)])
+def test_pad_thin_leaves_images_within_the_ratio_alone(h, w):
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    assert pad_thin(img) is img
+
+
+def test_thin_images_score_zero_instead_of_raising(model):
+    # One call, as a merged batch would make it: no image fails the others.
+    shapes = [(1, 4096), (20, 2500), (3, 40)]
+    images = [np.zeros((h, w, 3), dtype=np.uint8) for h, w in shapes]
+    images.append(np.random.default_rng(0).integers(0, 256, (20, 2500, 3), dtype=np.uint8))
+    rewards = model.score(images, ['a sign that says "hello world"'] * len(images))
+    assert rewards.shape == (4,) and rewards.dtype == np.float32
+    assert rewards[:3].tolist() == [0.0, 0.0, 0.0]
+    assert 0.0 <= rewards[3] <= 1.0
+
+
+@pytest.mark.slow
+def test_tall_thin_image_scores_zero_instead_of_raising(model):
+    # Tall images are slow in RapidOCR (~10 s here): its detector scales the short side to 736 px.
+    assert model.score([np.zeros((4096, 1, 3), dtype=np.uint8)], ['"hello world"']).tolist() == [0.0]

@@ -181,8 +181,8 @@ def test_client_removes_its_segment_on_close(tiny_server):
     assert our_segments() == before
 
 
-def test_reader_remaps_a_replaced_segment_and_bounds_its_mappings(tmp_path: Path):
-    reader = SharedMemoryReader(root=tmp_path, max_mappings=2)
+def test_reader_reads_a_replaced_segment_and_keeps_nothing_open(tmp_path: Path):
+    reader = SharedMemoryReader(root=tmp_path)
     (tmp_path / "advgrpo-a").write_bytes(b"first contents")
     assert reader.read("advgrpo-a", 0, 5, "x") == b"first"
     replacement = tmp_path / "advgrpo-a.new"
@@ -192,7 +192,9 @@ def test_reader_remaps_a_replaced_segment_and_bounds_its_mappings(tmp_path: Path
     for name in ("advgrpo-b", "advgrpo-c"):
         (tmp_path / name).write_bytes(name.encode())
         assert reader.read(name, 8, 1, "x") == name[-1].encode()
-    assert len(reader._maps) == 2
+    held = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    held += Path("/proc/self/maps").read_text().split()
+    assert not [p for p in held if p.startswith(str(tmp_path.resolve()))]  # no fd or mapping outlives a read
     (tmp_path / "advgrpo-empty").write_bytes(b"")
     with pytest.raises(InvalidArgument, match="empty"):
         reader.read("advgrpo-empty", 0, 0, "x")

@@ -74,6 +74,9 @@ class RewardConfig:
     token: str | None = None
     weights: dict[str, float] = field(default_factory=lambda: {"dino": 1.0})
     timeout_s: float = 300.0  # deadline of one reward call
+    # How long a call keeps retrying while the server is UNAVAILABLE (e.g. restarting: drain plus
+    # model reload) before the run fails. Calls only; a broken ScoreStream is not retried.
+    retry_budget_s: float = 60.0
     connect_timeout_s: float = 30.0  # how long start-up waits for the server to be SERVING
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     overlap: bool = True  # stream a group to the server while the next batch samples
@@ -211,6 +214,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("optim.train_batch_size: must be >= 1")
     if not cfg.reward.weights:
         raise ConfigError("reward.weights: at least one model")
+    if cfg.reward.retry_budget_s < 0:
+        raise ConfigError(f"reward.retry_budget_s: must be >= 0, got {cfg.reward.retry_budget_s}")
     a = cfg.adversarial
     if a.discriminator and a.schedule != "off" and a.references is None:
         raise ConfigError("adversarial.references: required (JSON {prompt: [image paths]}) when a discriminator trains")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from reward_server.client import Group, RewardClient
+from reward_server.client import Group, RetryPolicy, RewardClient
 from reward_server.errors import ConfigError
 
 from . import pipeline as sd3
@@ -93,7 +93,8 @@ class AdvGrpoTrainer:
     def _setup_rewards(self) -> None:
         r = self.cfg.reward
         self.client = RewardClient(r.server, token=r.token, timeout_s=r.timeout_s, encoding=r.encoding,
-                                   keep_freed_memory=r.keep_freed_memory, shared_memory=r.shared_memory)
+                                   keep_freed_memory=r.keep_freed_memory, shared_memory=r.shared_memory,
+                                   retry=RetryPolicy(max_elapsed_s=r.retry_budget_s))
         try:
             self.client.wait_ready(timeout_s=r.connect_timeout_s)
             models = {m.name: m for m in self.client.list_models()}

@@ -17,6 +17,9 @@ from ..config import OcrParams
 from ..errors import ConfigError, InvalidArgument
 from .base import Image, RewardModel
 
+# Images thinner than 1:MAX_ASPECT are padded (see pad_thin) before they reach RapidOCR.
+MAX_ASPECT = 16
+
 # The first "straight" or “curly” quoted span; re.search picks whichever opens first.
 _QUOTED = re.compile(r'"([^"]*)"|“([^”]*)”')
 _WHITESPACE = re.compile(r"\s+")
@@ -46,6 +49,43 @@ def ocr_reward(recognised: str, target: str) -> float:
         return 1.0
     d = min(Levenshtein.distance(recognised, target), len(target))
     return 1.0 - d / len(target)
+
+
+def pad_thin(image: Image, max_aspect: int = MAX_ASPECT) -> Image:
+    """Pads the short side of a very thin image with its background so that long/short <= max_aspect.
+
+    RapidOCR cannot take such images: its preprocessing first scales the long side down to
+    ``max_side_len`` (2000) and rounds both sides to multiples of 32, which turns a short side
+    under 17 px at that scale into 0 (``ResizeImgError``: 20x2500, 1x4096); it then scales a
+    short side under ``min_side_len`` (30) up to 30 with the long side in proportion (1x1000 ->
+    30x30000), and the detector scales the short side up to 736 again, so a thin image that
+    survives the resize can take gigabytes and minutes. Bounding the aspect ratio keeps the
+    short side >= 2000/16 = 125 px after the first step, and both later scalings bounded.
+
+    A thin image is a valid image (typically with no readable text); padding adds none: the
+    image is centred on a band of its border's per-channel median colour. Images within the
+    ratio are returned as they are (the server refuses thinner ones by default).
+    """
+    h, w = image.shape[:2]
+    short, long_ = min(h, w), max(h, w)
+    if short == 0:
+        return image  # nothing to read; decoding refuses zero dimensions before this
+    need = -(-long_ // max_aspect)  # ceil(long / max_aspect)
+    if short >= need:
+        return image
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    fill = np.median(border, axis=0).astype(image.dtype)
+    if h < w:
+        out = np.empty((need, w) + image.shape[2:], dtype=image.dtype)
+        out[...] = fill
+        top = (need - h) // 2
+        out[top : top + h] = image
+    else:
+        out = np.empty((h, need) + image.shape[2:], dtype=image.dtype)
+        out[...] = fill
+        left = (need - w) // 2
+        out[:, left : left + w] = image
+    return out
 
 
 class OcrReward(RewardModel):
@@ -78,7 +118,7 @@ class OcrReward(RewardModel):
     def recognise(self, image: Image) -> str:
         """The image's text: recognised spans in reading order, low-confidence ones dropped."""
         # RapidOCR takes a 3-channel ndarray as BGR (OpenCV order); ours are RGB.
-        bgr = np.ascontiguousarray(image[..., ::-1])
+        bgr = np.ascontiguousarray(pad_thin(image)[..., ::-1])
         result, _elapsed = self._engine(bgr)
         if not result:  # (None, None) when nothing is detected
             return ""
