@@ -385,8 +385,6 @@ class ModelHost:
             h.executor.shutdown(wait=True)
             h.model.close()
         self._decode_pool.shutdown(wait=False)
-        if self.shared_memory is not None:
-            self.shared_memory.close()
 
 
 async def _gather_or_cancel(coros):

@@ -78,11 +78,9 @@ def decode_image(
     since) is refused before its pixels are decoded."""
     enc = msg.encoding
     if enc == RAW:
-        h, w = _raw_size(msg, where, max_side, max_aspect_ratio)
-        data = _image_bytes(msg, where, shm)
-        if len(data) != h * w * 3:
-            raise InvalidArgument(f"{where}: RAW_RGB8 data has {len(data)} bytes, expected {h}*{w}*3 = {h * w * 3}")
-        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+        # _raw_size checked the byte count against the fields; a shared-memory read is exact or raises
+        h, w = size if size is not None else _raw_size(msg, where, max_side, max_aspect_ratio)
+        return np.frombuffer(_image_bytes(msg, where, shm), dtype=np.uint8).reshape(h, w, 3)
     if enc in _PIL_FORMATS:
         name = _PIL_FORMATS[enc]
         data = _image_bytes(msg, where, shm)

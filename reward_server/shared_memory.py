@@ -103,9 +103,6 @@ class SharedMemoryReader:
             raise
         return fd
 
-    def close(self) -> None:
-        """Nothing to release (kept for callers that close their reader)."""
-
 
 class _NotRegular(OSError):
     def __init__(self, mode: int):

@@ -198,7 +198,6 @@ def test_reader_reads_a_replaced_segment_and_keeps_nothing_open(tmp_path: Path):
     (tmp_path / "advgrpo-empty").write_bytes(b"")
     with pytest.raises(InvalidArgument, match="empty"):
         reader.read("advgrpo-empty", 0, 0, "x")
-    reader.close()
 
 
 def check(stub, name: str, offset: int, size: int, expected: bytes) -> reward_pb2.CheckSharedMemoryResponse:

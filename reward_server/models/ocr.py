@@ -67,24 +67,16 @@ def pad_thin(image: Image, max_aspect: int = MAX_ASPECT) -> Image:
     ratio are returned as they are (the server refuses thinner ones by default).
     """
     h, w = image.shape[:2]
-    short, long_ = min(h, w), max(h, w)
-    if short == 0:
-        return image  # nothing to read; decoding refuses zero dimensions before this
-    need = -(-long_ // max_aspect)  # ceil(long / max_aspect)
-    if short >= need:
-        return image
+    if min(h, w) == 0 or min(h, w) >= -(-max(h, w) // max_aspect):  # ceil(long / max_aspect)
+        return image  # within the ratio (zero dimensions: refused by decoding before this)
+    if h > w:  # a tall image: pad it as the wide one it is transposed
+        return pad_thin(image.swapaxes(0, 1), max_aspect).swapaxes(0, 1)
+    need = -(-w // max_aspect)
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    fill = np.median(border, axis=0).astype(image.dtype)
-    if h < w:
-        out = np.empty((need, w) + image.shape[2:], dtype=image.dtype)
-        out[...] = fill
-        top = (need - h) // 2
-        out[top : top + h] = image
-    else:
-        out = np.empty((h, need) + image.shape[2:], dtype=image.dtype)
-        out[...] = fill
-        left = (need - w) // 2
-        out[:, left : left + w] = image
+    out = np.empty((need,) + image.shape[1:], dtype=image.dtype)
+    out[...] = np.median(border, axis=0).astype(image.dtype)
+    top = (need - h) // 2
+    out[top : top + h] = image
     return out
 
 
