@@ -187,7 +187,8 @@ class DynamicBatcher(Generic[T, R]):
             self.requests_rejected += 1
             raise ResourceExhausted(
                 f"{self._label}: queue is full ({load} items queued, request has {n}, "
-                f"limit {self.max_queue_items}); retry later"
+                f"limit {self.max_queue_items}); retry later",
+                retry_after_s=max(self.max_delay_s, 0.05),
             )
         req = _Request(list(items), loop.time(), loop.create_future())
         self._queue.append(req)

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
+from .errors import RETRY_AFTER_KEY
 from .images import RAW, encode_image_parts
 from .shared_memory import SharedMemoryArena, SharedMemoryFull, SharedMemorySlots, StreamClosed
 
@@ -83,7 +84,12 @@ class RetryPolicy:
     than this many seconds after the first attempt began (the last wait is shortened to end by
     then; an attempt in progress runs to its own deadline), so the default 30 s outlasts a server
     restart (drain plus model reload). ``max_attempts``: at most this many attempts in all.
-    ``None`` turns a limit off; at least one must be set. ``ScoreStream`` is never retried."""
+    ``None`` turns a limit off; at least one must be set. ``score_stream`` retries a failed stream
+    the same way, counting from its failure (see there).
+
+    RESOURCE_EXHAUSTED is retried too when the server marks it transient (a full queue, its
+    decoded-bytes budget in use by other requests: the ``advgrpo-retry-after-ms`` trailer), after
+    at least that long; one over a size limit fails the same way every time and is raised."""
 
     max_attempts: int | None = None
     initial_backoff_s: float = 0.1
@@ -99,6 +105,31 @@ class RetryPolicy:
             raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
         if self.max_elapsed_s is not None and self.max_elapsed_s < 0:
             raise ValueError(f"RetryPolicy.max_elapsed_s must be >= 0, got {self.max_elapsed_s}")
+
+
+def _retry_delay(policy: RetryPolicy, exc: BaseException, backoff: float) -> float | None:
+    """How long to wait before trying ``exc``'s call again (jittered ``backoff``, or the server's
+    hint if longer), or None if ``exc`` is not worth retrying."""
+    code = exc.code() if isinstance(exc, grpc.RpcError) else None
+    hint = _retry_after_s(exc) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if code not in policy.retryable and hint is None:
+        return None
+    return max(backoff * (0.5 + random.random() / 2), hint or 0.0)  # jitter keeps clients from stampeding
+
+
+def _retry_after_s(exc: grpc.RpcError) -> float | None:
+    """The server's ``advgrpo-retry-after-ms`` trailer: it says the refusal is transient."""
+    try:
+        trailer = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an error without metadata: no hint
+        return None
+    for key, value in trailer:
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1000.0)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 class ClientRpcError(grpc.RpcError):
@@ -361,146 +392,16 @@ class RewardClient:
         else the call is cancelled (its segments dropped) and a ``grpc.RpcError`` with
         ``DEADLINE_EXCEEDED`` raised. Answers are taken as they come, so a caller slow to take
         them does not count against the server.
+
+        A stream that fails with a retryable status (UNAVAILABLE: the server restarted, or the
+        connection dropped) is opened again after a backoff, as ``retry`` allows (its time budget
+        counts from the failure; an answer on the new stream resets it). The messages left
+        unanswered are sent again first, in order, then the rest of ``groups``; answers already
+        received are kept, so every group is yielded exactly once, in order.
+
         If ``groups`` raises (or an image cannot be encoded), the stream ends there: the groups
         before it are yielded, then that exception is raised."""
-        slots = self._stream_slots if self._stream_slots is not None and self.uses_shared_memory() else None
-        timeout_s = self.timeout_s
-        counter = [0]
-        # Shared by the caller's thread, grpc's request thread and the answer thread, under ``cond``:
-        inflight: collections.deque[tuple[float, list, SharedMemoryArena | None]] = collections.deque()
-        answers: collections.deque[tuple[Any, list]] = collections.deque()  # received, not yet taken
-        cond = threading.Condition()
-        ended = threading.Event()  # the caller's side is done with the stream: send nothing more
-        state: dict[str, Any] = {"done": False, "error": None, "failure": None, "failed_at": None,
-                                 "last_answer": 0.0, "closed_at": None}
-
-        def requests() -> Iterator[reward_pb2.ScoreRequest]:
-            index = None
-            try:
-                for g in groups:
-                    index = counter[0]
-                    counter[0] += 1
-                    for request, parts in self._requests([self._encode_group(g, index)], weights, self.chunk_bytes):
-                        arena = None
-                        if slots is not None:
-                            try:
-                                arena = slots.acquire(ended.is_set)
-                            except StreamClosed:
-                                return
-                        # Under the lock, so that the stream's end (which drops what is in
-                        # flight) never races a segment being made.
-                        with cond:
-                            if ended.is_set():  # the stream ended while we waited: never sent
-                                if arena is not None:
-                                    slots.release(arena)
-                                return
-                            if arena is not None:
-                                try:
-                                    request = request.via_shared_memory(arena)
-                                except SharedMemoryFull as exc:
-                                    log.warning("stream group %d goes through the socket: %s", index, exc)
-                                    slots.release(arena)
-                                    arena = None
-                                except BaseException:
-                                    slots.drop(arena)
-                                    raise
-                            inflight.append((time.monotonic(), parts, arena))
-                            cond.notify_all()
-                        yield request
-                    index = None
-            except GeneratorExit:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - the caller's, raised in the caller's thread
-                # Raised here, grpc would cancel the call as UNKNOWN "Exception iterating
-                # requests!"; instead the stream ends (what was sent is answered), then it is raised.
-                with cond:
-                    state["failure"], state["failed_at"] = exc, index
-                    cond.notify_all()
-            finally:  # all sent: the server owes the answers and the stream's end
-                with cond:
-                    state["closed_at"] = time.monotonic()
-                    cond.notify_all()
-
-        call = self._score_stream(requests(), metadata=self._metadata, timeout=None)
-
-        def receive() -> None:
-            """Takes the answers as they come (so the caller's pace never looks like a silent
-            server) and frees their segments."""
-            try:
-                for response in call:
-                    with cond:
-                        if not inflight:
-                            raise RuntimeError("reward server answered more stream messages than were sent")
-                        _, parts, arena = inflight.popleft()
-                        answers.append((response, parts))
-                        state["last_answer"] = time.monotonic()
-                        cond.notify_all()
-                    if arena is not None:
-                        slots.release(arena)  # answered: the server has copied its bytes out
-            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-                with cond:
-                    state["error"] = exc
-            finally:
-                with cond:
-                    state["done"] = True
-                    cond.notify_all()
-
-        receiver = threading.Thread(target=receive, name="score-stream-answers", daemon=True)
-        receiver.start()
-        pending: list[_Part] = []
-        ok = False
-        try:
-            while True:
-                with cond:
-                    while not answers and not state["done"]:
-                        if inflight:
-                            since = max(inflight[0][0], state["last_answer"])
-                        elif state["closed_at"] is not None:  # only the stream's end is owed
-                            since = max(state["closed_at"], state["last_answer"])
-                        else:  # nothing owed: the caller's groups are slow in coming
-                            cond.wait()
-                            continue
-                        left = since + timeout_s - time.monotonic()
-                        if left <= 0:
-                            raise ClientRpcError(
-                                grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"reward server {self.target}: ScoreStream left unanswered for {timeout_s:g}s "
-                                f"({len(inflight)} message(s) in flight); the call was cancelled",
-                            )
-                        cond.wait(left)
-                    if not answers:
-                        break
-                    response, parts = answers.popleft()
-                for part in _collect(response, parts):
-                    if pending and part.index != pending[0].index:
-                        yield _merge_stream_parts(pending)
-                        pending = []
-                    pending.append(part)
-            if state["failure"] is not None:  # the caller's: it ended the stream
-                if state["error"] is not None:
-                    log.warning("reward server %s: ScoreStream failed too: %s", self.target, state["error"])
-                elif pending and pending[0].index != state["failed_at"]:
-                    yield _merge_stream_parts(pending)  # a whole group, sent before the failure
-                raise state["failure"]
-            if state["error"] is not None:
-                raise state["error"]
-            ok = True
-        finally:
-            with cond:
-                ended.set()
-                unanswered = [arena for _, _, arena in inflight]
-                inflight.clear()
-            if not ok:
-                call.cancel()  # a failed or abandoned stream (a no-op once the call has ended)
-            receiver.join(5.0)
-            for arena in unanswered:  # the server may still read them, unless the stream ended well
-                if arena is not None:
-                    if ok:
-                        slots.release(arena)
-                    else:
-                        slots.drop(arena)
-        if pending:
-            yield _merge_stream_parts(pending)
+        yield from _StreamRun(self, groups, weights).results()
 
     def update_discriminator(
         self,
@@ -539,9 +440,9 @@ class RewardClient:
             try:
                 return method(request, timeout=self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() not in policy.retryable:
+                delay = _retry_delay(policy, exc, backoff)
+                if delay is None:
                     raise
-                delay = backoff * (0.5 + random.random() / 2)  # jitter keeps clients from stampeding
                 left = math.inf if give_up_at is None else give_up_at - time.monotonic()
                 if left <= 0 or (policy.max_attempts is not None and attempt >= policy.max_attempts):
                     log.warning("reward server %s: %s; giving up after %d attempt(s)", self.target,
@@ -569,7 +470,7 @@ class RewardClient:
                 try:
                     responses[k] = future.result()
                 except grpc.RpcError as exc:
-                    if exc.code() not in self.retry.retryable:
+                    if _retry_delay(self.retry, exc, 0.0) is None:
                         raise
                     responses[k] = self._call(method, requests[k])
         finally:
@@ -900,9 +801,304 @@ def _merge_parts(parts: list[_Part]) -> tuple[list[GroupScore], list[int]]:
 
 
 def _merge_stream_parts(parts: list[_Part]) -> GroupScore:
-    """One streamed group's pieces. A stream cannot re-send a group, so a group that straddled an
+    """One streamed group's pieces. A stream does not score a group again, so one that straddled an
     update is reported under the newest version involved, and logged."""
     (merged,), straddled = _merge_parts(parts)
     if straddled:
         log.warning("group %r: its parts were scored under different model versions", merged.group_id)
     return merged
+
+
+@dataclass
+class _Sent:
+    """A stream message on its way: the request as encoded (to send again after a failure), its
+    (group, part) list, its shared-memory arena if it has one, and when it was sent."""
+
+    request: _ScoreBatch
+    parts: list
+    arena: SharedMemoryArena | None
+    sent_at: float
+
+
+@dataclass
+class _StreamCall:
+    """One ScoreStream call of a ``score_stream`` (the first, or one opened after a failure)."""
+
+    stopped: threading.Event = field(default_factory=threading.Event)  # send nothing more on it
+    call: Any = None
+    receiver: threading.Thread | None = None
+    closed_at: float | None = None  # all sent: the server owes the answers and the stream's end
+    answered: bool = False
+    done: bool = False  # the call has ended
+    error: BaseException | None = None
+
+
+class _StreamRun:
+    """One ``score_stream``, over one or more ScoreStream calls (one more per retry).
+
+    Shared by the caller's thread, grpc's request thread of each call and each call's answer
+    thread, under ``cond``: ``to_send`` holds the messages to send next, in order (those of the
+    groups drawn from the caller, and after a failure the unanswered ones, put back in front),
+    ``inflight`` those sent and not answered, ``answers`` those answered and not yet taken by
+    the caller. Groups are drawn from the caller's iterator by one thread at a time
+    (``draw_lock``); a request thread of a failed call may still be waiting for one, and what it
+    draws is queued for the next call."""
+
+    def __init__(self, client: "RewardClient", groups: Iterable[Group], weights: dict[str, float] | None):
+        self.client = client
+        self.weights = weights
+        self.groups = iter(groups)
+        self.slots = client._stream_slots if client._stream_slots is not None and client.uses_shared_memory() else None
+        self.cond = threading.Condition()
+        self.draw_lock = threading.Lock()
+        self.ended = threading.Event()  # the caller's side is done with the stream: send nothing more
+        self.to_send: collections.deque[tuple[_ScoreBatch, list]] = collections.deque()
+        self.inflight: collections.deque[_Sent] = collections.deque()
+        self.answers: collections.deque[tuple[Any, list]] = collections.deque()  # received, not yet taken
+        self.drawn = 0  # groups taken from the caller
+        self.exhausted = False  # the caller's groups have ended (or raised)
+        self.failure: BaseException | None = None  # the caller's exception, raised after what came before
+        self.failed_at: int | None = None  # the group it belongs to
+        self.last_answer = 0.0
+
+    # -------------------------------------------------------- sending (grpc's request threads)
+
+    def _draw(self) -> None:
+        """Takes the caller's next group and queues its messages (unless another thread did)."""
+        with self.draw_lock:
+            with self.cond:
+                if self.to_send or self.exhausted:
+                    return
+                index = self.drawn
+            try:
+                group = next(self.groups)
+                client = self.client
+                messages = list(client._requests([client._encode_group(group, index)], self.weights, client.chunk_bytes))
+            except StopIteration:
+                with self.cond:
+                    self.exhausted = True
+                    self.cond.notify_all()
+                return
+            except BaseException as exc:  # noqa: BLE001 - the caller's, raised in the caller's thread
+                # Raised in grpc's thread, it would cancel the call as UNKNOWN "Exception iterating
+                # requests!"; instead the stream ends (what was sent is answered), then it is raised.
+                with self.cond:
+                    self.exhausted = True
+                    self.failure, self.failed_at = exc, index
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.drawn += 1
+                self.to_send.extend(messages)
+                self.cond.notify_all()
+
+    def _requests(self, stream: _StreamCall) -> Iterator[_ScoreBatch]:
+        """The messages of one call, until everything is sent or the call is stopped."""
+        try:
+            while True:
+                with self.cond:
+                    if stream.stopped.is_set() or self.ended.is_set():
+                        return
+                    if not self.to_send:
+                        if self.exhausted:
+                            return
+                        ready = False
+                    else:
+                        ready = True
+                if not ready:
+                    self._draw()
+                    continue
+                arena = None
+                if self.slots is not None:
+                    try:
+                        arena = self.slots.acquire(lambda: stream.stopped.is_set() or self.ended.is_set())
+                    except StreamClosed:
+                        return
+                # Taking a message and marking it in flight happen under the lock, so that a
+                # failure (which puts what is in flight back) or the stream's end (which drops it)
+                # never misses one.
+                with self.cond:
+                    if stream.stopped.is_set() or self.ended.is_set() or not self.to_send:
+                        if arena is not None:
+                            self.slots.release(arena)
+                        continue
+                    request, parts = self.to_send.popleft()
+                    sent = request
+                    if arena is not None:
+                        try:
+                            sent = request.via_shared_memory(arena)
+                        except SharedMemoryFull as exc:
+                            log.warning("stream group %d goes through the socket: %s", parts[0][0], exc)
+                            self.slots.release(arena)
+                            arena = None
+                        except BaseException as exc:  # noqa: BLE001 - ends the stream like the caller's own
+                            self.slots.drop(arena)
+                            self.exhausted = True
+                            self.failure, self.failed_at = exc, parts[0][0]
+                            self.to_send.clear()
+                            self.cond.notify_all()
+                            return
+                    self.inflight.append(_Sent(request, parts, arena, time.monotonic()))
+                    self.cond.notify_all()
+                yield sent
+        finally:
+            with self.cond:
+                stream.closed_at = time.monotonic()
+                self.cond.notify_all()
+
+    # -------------------------------------------------------- answers (one thread per call)
+
+    def _receive(self, stream: _StreamCall) -> None:
+        """Takes the answers as they come (so the caller's pace never looks like a silent
+        server) and frees their segments."""
+        try:
+            for response in stream.call:
+                with self.cond:
+                    if not self.inflight:
+                        raise RuntimeError("reward server answered more stream messages than were sent")
+                    sent = self.inflight.popleft()
+                    self.answers.append((response, sent.parts))
+                    self.last_answer = time.monotonic()
+                    stream.answered = True
+                    self.cond.notify_all()
+                if sent.arena is not None:
+                    self.slots.release(sent.arena)  # answered: the server has copied its bytes out
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            with self.cond:
+                stream.error = exc
+        finally:
+            with self.cond:
+                stream.done = True
+                self.cond.notify_all()
+
+    def _open(self) -> _StreamCall:
+        stream = _StreamCall()
+        client = self.client
+        stream.call = client._score_stream(self._requests(stream), metadata=client._metadata, timeout=None)
+        stream.receiver = threading.Thread(target=self._receive, args=(stream,), name="score-stream-answers",
+                                           daemon=True)
+        stream.receiver.start()
+        return stream
+
+    def _reopen(self, stream: _StreamCall) -> _StreamCall:
+        """After ``stream`` failed: its unanswered messages go back in front, and a new call starts."""
+        with self.cond:
+            stream.stopped.set()
+            unanswered = list(self.inflight)
+            self.inflight.clear()
+            self.to_send.extendleft((s.request, s.parts) for s in reversed(unanswered))
+            self.cond.notify_all()
+        for s in unanswered:
+            if s.arena is not None:
+                self.slots.drop(s.arena)  # the old server may still be reading it
+        stream.receiver.join(5.0)
+        return self._open()
+
+    # -------------------------------------------------------- the caller's thread
+
+    def _next_answer(self, stream: _StreamCall):
+        """The next answer, or None once ``stream`` has ended with nothing more to take; raises
+        DEADLINE_EXCEEDED when the server leaves messages unanswered for ``timeout_s``."""
+        timeout_s = self.client.timeout_s
+        with self.cond:
+            while not self.answers and not stream.done:
+                if self.inflight:
+                    since = max(self.inflight[0].sent_at, self.last_answer)
+                elif stream.closed_at is not None:  # only the stream's end is owed
+                    since = max(stream.closed_at, self.last_answer)
+                else:  # nothing owed: the caller's groups are slow in coming
+                    self.cond.wait()
+                    continue
+                left = since + timeout_s - time.monotonic()
+                if left <= 0:
+                    raise ClientRpcError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"reward server {self.client.target}: ScoreStream left unanswered for {timeout_s:g}s "
+                        f"({len(self.inflight)} message(s) in flight); the call was cancelled",
+                    )
+                self.cond.wait(left)
+            return self.answers.popleft() if self.answers else None
+
+    def _owed(self) -> bool:
+        """Whether anything is left to send or to be answered (the caller's exception aside)."""
+        with self.cond:
+            return bool(self.inflight or self.to_send or not self.exhausted)
+
+    def _complete(self, index: int) -> bool:
+        """Whether every message of group ``index`` has been answered."""
+        with self.cond:
+            waiting = [parts for _, parts in self.to_send] + [s.parts for s in self.inflight]
+        return all(i != index for parts in waiting for i, _ in parts)
+
+    def results(self) -> Iterator[GroupScore]:
+        client, policy = self.client, self.client.retry
+        stream = self._open()
+        pending: list[_Part] = []
+        ok = False
+        outage, attempt, backoff, give_up_at = False, 1, policy.initial_backoff_s, None
+        try:
+            while True:
+                answer = self._next_answer(stream)
+                if answer is not None:
+                    response, parts = answer
+                    for part in _collect(response, parts):
+                        if pending and part.index != pending[0].index:
+                            yield _merge_stream_parts(pending)
+                            pending = []
+                        pending.append(part)
+                    continue
+                error = stream.error
+                if error is None or not self._owed():
+                    break  # ended well, or failed with every answer in: nothing to do again
+                if stream.answered or not outage:  # a new outage: a fresh retry budget
+                    outage, attempt, backoff = True, 1, policy.initial_backoff_s
+                    give_up_at = None if policy.max_elapsed_s is None else time.monotonic() + policy.max_elapsed_s
+                delay = _retry_delay(policy, error, backoff)
+                if delay is None:
+                    break
+                code = error.code()
+                left = math.inf if give_up_at is None else give_up_at - time.monotonic()
+                if left <= 0 or (policy.max_attempts is not None and attempt >= policy.max_attempts):
+                    log.warning("reward server %s: ScoreStream %s; giving up after %d attempt(s)", client.target,
+                                code.name, attempt)
+                    break
+                delay = min(delay, left)
+                with self.cond:
+                    unanswered = len(self.inflight)
+                log.warning("reward server %s: ScoreStream %s with %d message(s) unanswered; opening it again "
+                            "in %.2fs (retry %d)", client.target, code.name, unanswered, delay, attempt)
+                time.sleep(delay)
+                attempt += 1
+                backoff = min(backoff * policy.multiplier, policy.max_backoff_s)
+                stream = self._reopen(stream)
+            error = stream.error if self._owed() else None
+            if pending and pending[0].index != self.failed_at and self._complete(pending[0].index):
+                yield _merge_stream_parts(pending)  # a whole group, answered before the failure
+                pending = []
+            if self.failure is not None:  # the caller's: it ended the stream
+                if error is not None:
+                    log.warning("reward server %s: ScoreStream failed too: %s", client.target, error)
+                raise self.failure
+            if error is not None:
+                raise error
+            if self._owed():
+                raise RuntimeError(f"reward server {client.target} ended ScoreStream with {len(self.inflight)} "
+                                   "message(s) unanswered")
+            ok = True
+        finally:
+            with self.cond:
+                self.ended.set()
+                stream.stopped.set()
+                unanswered = [s.arena for s in self.inflight]
+                self.inflight.clear()
+            if not ok:
+                stream.call.cancel()  # a failed or abandoned stream (a no-op once the call has ended)
+            stream.receiver.join(5.0)
+            for arena in unanswered:  # the server may still read them, unless the stream ended well
+                if arena is not None:
+                    if ok:
+                        self.slots.release(arena)
+                    else:
+                        self.slots.drop(arena)
+        if pending:
+            yield _merge_stream_parts(pending)

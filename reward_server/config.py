@@ -77,9 +77,11 @@ class OcrParams:
 
 @dataclass
 class NoopParams:
-    """Returns a constant: transport benchmarks and tests."""
+    """Returns a constant: transport benchmarks and tests. ``delay_ms``: each call takes this long
+    (a stand-in for a slow model in concurrency and load tests; 0 for benchmarks)."""
 
     value: float = 0.0
+    delay_ms: float = 0.0
 
 
 @dataclass
@@ -117,6 +119,9 @@ class ServerSettings:
     # height*width*3 summed over one request's images (and PNG/JPEG bytes read from /dev/shm),
     # checked before anything is decoded: 1 GiB is ~1400 images of 512x512.
     max_request_decoded_bytes: int = 1 << 30
+    # The same, summed over every request the server holds at once (decoding or being scored);
+    # a request that would go over it gets RESOURCE_EXHAUSTED with a retry hint.
+    max_inflight_decoded_bytes: int = 4 << 30
     max_images_per_request: int = 1024
     max_stream_inflight: int = 8  # ScoreStream requests scored concurrently per stream
     max_update_steps: int = 1000  # optimizer steps one UpdateDiscriminator may ask for
@@ -255,6 +260,11 @@ def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
         )
     if server.max_request_decoded_bytes < 1:
         raise ConfigError(f"server.max_request_decoded_bytes: must be >= 1, got {server.max_request_decoded_bytes}")
+    if server.max_inflight_decoded_bytes < server.max_request_decoded_bytes:
+        raise ConfigError(
+            f"server.max_inflight_decoded_bytes: must be >= server.max_request_decoded_bytes "
+            f"({server.max_request_decoded_bytes}), got {server.max_inflight_decoded_bytes}"
+        )
     if not server.max_aspect_ratio >= 1:  # also refuses NaN
         raise ConfigError(f"server.max_aspect_ratio: must be >= 1, got {server.max_aspect_ratio}")
     if server.log_level.upper() not in LOG_LEVELS:
@@ -281,6 +291,8 @@ def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
             for key in ("feature_cache_bytes", "recent_feature_cache_bytes"):
                 if getattr(p, key) < 0:
                     raise ConfigError(f"models.{m.name}.params.{key}: must be >= 0 (0 disables the cache)")
+        if m.kind == "noop" and not 0.0 <= m.params.delay_ms <= 60_000:
+            raise ConfigError(f"models.{m.name}.params.delay_ms: must be in [0, 60000]")
 
 
 def load_config(

@@ -6,16 +6,17 @@ from typing import Sequence
 
 from advgrpo.reward.v1 import reward_pb2
 
-from .host import GroupInput, GroupResult, ModelHost, ModelStatus, UpdateOutcome
+from .host import DecodedBytesTicket, GroupInput, GroupResult, ModelHost, ModelStatus, UpdateOutcome
 from .images import RAW, decode_image, image_size
 
 
 Fields = Sequence[tuple[str, Sequence[reward_pb2.ImageGroup]]]  # (field name, its groups)
 
 
-def _decode_request(host: ModelHost, fields: Fields) -> list[list[GroupInput]]:
-    """Checks every image's size and the request's decoded-bytes budget, then decodes them all:
-    nothing is decoded or copied out of shared memory before every check has passed."""
+def _decode_request(host: ModelHost, fields: Fields, ticket: DecodedBytesTicket) -> list[list[GroupInput]]:
+    """Checks every image's size and the request's decoded-bytes budget, takes its share of the
+    server's (``ticket``), then decodes them all: nothing is decoded or copied out of shared
+    memory before every check has passed."""
     server, shm = host.config.server, host.shared_memory
     limits = (server.max_image_side, shm, server.max_aspect_ratio)
     sizes, total = [], 0
@@ -26,6 +27,7 @@ def _decode_request(host: ModelHost, fields: Fields) -> list[list[GroupInput]]:
                 sizes.append((h, w))
                 total += h * w * 3 + extra
     host.check_decoded_bytes(total, len(sizes))
+    ticket.take(total, len(sizes))
     size = iter(sizes)
     return [
         [
@@ -40,27 +42,24 @@ def _decode_request(host: ModelHost, fields: Fields) -> list[list[GroupInput]]:
     ]
 
 
-async def decode_request(host: ModelHost, fields: Fields) -> list[list[GroupInput]]:
-    """Decodes and validates every image of a request's image fields (one budget for them all).
-    PNG/JPEG decoding and shared-memory reads run in the decode pool, off the event loop; a request
-    of inline RAW images only (no work but wrapping the bytes) is decoded in place."""
+async def decode_request(host: ModelHost, fields: Fields, ticket: DecodedBytesTicket) -> list[list[GroupInput]]:
+    """Decodes and validates every image of a request's image fields (one budget for them all;
+    the request's share of the server's is taken on ``ticket``, to be released once it is
+    answered). PNG/JPEG decoding and shared-memory reads run in the decode pool, off the event
+    loop; a request of inline RAW images only (no work but wrapping the bytes) is decoded in place."""
     offload = any(
         img.encoding != RAW or img.shared_memory.name for _, groups in fields for g in groups for img in g.images
     )
     if offload:
-        return await host.run_decode(_decode_request, host, fields)
-    return _decode_request(host, fields)
-
-
-async def decode_groups(host: ModelHost, groups: Sequence[reward_pb2.ImageGroup], field: str) -> list[GroupInput]:
-    """``decode_request`` of one field."""
-    return (await decode_request(host, [(field, groups)]))[0]
+        return await host.run_decode(_decode_request, host, fields, ticket)
+    return _decode_request(host, fields, ticket)
 
 
 async def score(host: ModelHost, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
     host.check_groups(request.groups)  # counts before any decoding work
-    groups = await decode_groups(host, request.groups, "groups")
-    results = await host.score(groups, dict(request.weights))
+    with host.decoded_bytes_held() as ticket:
+        (groups,) = await decode_request(host, [("groups", request.groups)], ticket)
+        results = await host.score(groups, dict(request.weights))
     return score_response(results)
 
 
@@ -79,8 +78,11 @@ async def update(host: ModelHost, request: reward_pb2.UpdateDiscriminatorRequest
     host.trainable_model(request.model)  # NOT_FOUND / FAILED_PRECONDITION before any decoding
     host.check_groups(request.references, "references")
     host.check_groups(request.generated, "generated")
-    refs, gens = await decode_request(host, [("references", request.references), ("generated", request.generated)])
-    outcome = await host.update(request.model, refs, gens, request.steps, request.update_id)
+    with host.decoded_bytes_held() as ticket:
+        refs, gens = await decode_request(
+            host, [("references", request.references), ("generated", request.generated)], ticket
+        )
+        outcome = await host.update(request.model, refs, gens, request.steps, request.update_id)
     return update_response(outcome)
 
 

@@ -9,11 +9,24 @@ from __future__ import annotations
 import grpc
 
 
+RETRY_AFTER_KEY = "advgrpo-retry-after-ms"  # gRPC trailer of a transient refusal (HTTP: Retry-After)
+
+
 class RewardError(Exception):
-    """Base class: a failure the caller can act on. ``str(err)`` is the message sent back."""
+    """Base class: a failure the caller can act on. ``str(err)`` is the message sent back.
+
+    ``retry_after_s``: set when the refusal is transient (a full queue, the server's decoded-bytes
+    budget taken by other requests), so the same request may succeed after about this long. gRPC
+    sends it as the ``advgrpo-retry-after-ms`` trailer, HTTP as ``Retry-After``; the client
+    retries such a RESOURCE_EXHAUSTED within its retry budget, and never one without it (a
+    request over a size limit fails the same way every time)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     http_status: int = 500
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(RewardError):

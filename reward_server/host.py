@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -89,10 +91,78 @@ class Event:
     data: dict = field(default_factory=dict)
 
 
+class DecodedBytesBudget:
+    """The server-wide budget of decoded image bytes in flight (``server.max_inflight_decoded_bytes``):
+    every request holds its images' height*width*3 (plus PNG/JPEG bytes read from shared memory)
+    from before decoding until it is answered, so concurrent requests cannot together decode more
+    than the budget. Thread-safe: requests are decoded in the decode pool and on the event loop."""
+
+    RETRY_AFTER_S = 0.1  # the hint sent with a refusal: about one model call
+
+    def __init__(self, limit: int, gauge=None):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+        self._gauge = gauge
+
+    def take(self, n: int, images: int) -> None:
+        with self._lock:
+            if self.held + n > self.limit:
+                held = self.held
+            else:
+                self.held += n
+                held = None
+                if self._gauge is not None:
+                    self._gauge.set(self.held)
+        if held is not None:
+            raise ResourceExhausted(
+                f"server busy: the request's {images} images need {n} bytes decoded, and requests in flight "
+                f"hold {held} of server.max_inflight_decoded_bytes = {self.limit}; retry later",
+                retry_after_s=self.RETRY_AFTER_S,
+            )
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+            if self._gauge is not None:
+                self._gauge.set(self.held)
+
+
+class DecodedBytesTicket:
+    """One request's share of a ``DecodedBytesBudget``: taken at most once, given back once.
+
+    ``take`` may run in the decode pool after the request was cancelled and ``release``d on the
+    event loop; it then takes nothing (a share taken after its release would never come back)."""
+
+    def __init__(self, budget: DecodedBytesBudget):
+        self._budget = budget
+        self._held = 0
+        self._released = False
+        self._lock = threading.Lock()
+
+    def take(self, n: int, images: int) -> None:
+        with self._lock:
+            if self._released:
+                raise RuntimeError("the request ended before its images were decoded")
+            if self._held:
+                raise RuntimeError("a request takes its decoded-bytes share once")
+            self._budget.take(n, images)
+            self._held = n
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            held, self._held = self._held, 0
+        if held:
+            self._budget.give_back(held)
+
+
 class ModelHost:
     def __init__(self, config: ServerConfig, models: dict[str, RewardModel], metrics: ServerMetrics | None = None):
         self.config = config
         self.metrics = metrics or ServerMetrics()
+        self.decoded_bytes = DecodedBytesBudget(config.server.max_inflight_decoded_bytes,
+                                                self.metrics.inflight_decoded_bytes)
         self.store = StateStore(config.server.state_dir) if config.server.state_dir else None
         self.events: collections.deque[Event] = collections.deque(maxlen=500)
         # Discriminator curves for the dashboard: kept apart from the busy event stream.
@@ -228,6 +298,16 @@ class ModelHost:
                 f"PNG/JPEG bytes read from shared memory), over server.max_request_decoded_bytes = {limit}; "
                 f"send fewer or smaller images per request"
             )
+
+    @contextlib.contextmanager
+    def decoded_bytes_held(self) -> Iterator[DecodedBytesTicket]:
+        """For one request's lifetime (decoding and scoring): what it takes of the server-wide
+        decoded-bytes budget (``DecodedBytesTicket.take``) is given back when the block ends."""
+        ticket = DecodedBytesTicket(self.decoded_bytes)
+        try:
+            yield ticket
+        finally:
+            ticket.release()
 
     async def score(self, groups: Sequence[GroupInput], weights: dict[str, float]) -> list[GroupResult]:
         weights = self.resolve_weights(weights)

@@ -53,6 +53,11 @@ class ServerMetrics:
             registry=r,
         )
         self.ready = Gauge("advgrpo_ready", "1 when all models are loaded and serving", registry=r)
+        self.inflight_decoded_bytes = Gauge(
+            "advgrpo_inflight_decoded_bytes",
+            "Decoded image bytes held by requests in flight (budget: server.max_inflight_decoded_bytes)",
+            registry=r,
+        )
         # Mirrors of RewardModel.stats() (see record_model_stats): {stat key: metric}.
         self.model_counters = {
             "feature_cache_hits": Counter(

@@ -216,10 +216,12 @@ def test_queue_limit_rejects_whole_request_and_keeps_serving(executor):
             await b.submit([99])
         msg = str(err.value)
         assert "dino" in msg and "8" in msg and "limit" in msg
+        assert err.value.retry_after_s is not None and err.value.retry_after_s > 0  # transient: try again
         assert b.queue_depth == 8  # nothing of the rejected request was enqueued
 
-        with pytest.raises(ResourceExhausted, match="more than the queue limit"):
+        with pytest.raises(ResourceExhausted, match="more than the queue limit") as err:
             await b.submit(list(range(9)))
+        assert err.value.retry_after_s is None  # never fits: no point in retrying
 
         model.release()
         assert await running == [10, 20, 30, 40]

@@ -163,12 +163,16 @@ def test_shared_memory_is_read_off_the_event_loop(segment_path, monkeypatch):
     groups = [reward_pb2.ImageGroup(prompt="p", images=[shm_image(segment_path.name, 4, 4)])]
 
     async def decode():
-        return threading.current_thread(), await convert.decode_groups(host, groups, "groups")
+        with host.decoded_bytes_held() as ticket:
+            (decoded,) = await convert.decode_request(host, [("groups", groups)], ticket)
+            assert host.decoded_bytes.held == 48  # held until the request is done with its images
+        return threading.current_thread(), decoded
 
     try:
         loop_thread, decoded = asyncio.run(decode())
     finally:
         asyncio.run(host.close())
+    assert host.decoded_bytes.held == 0
     assert decoded[0].images[0].tobytes() == bytes(range(48))
     assert threads and loop_thread not in threads
 

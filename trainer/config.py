@@ -75,7 +75,7 @@ class RewardConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"dino": 1.0})
     timeout_s: float = 300.0  # deadline of one reward call
     # How long a call keeps retrying while the server is UNAVAILABLE (e.g. restarting: drain plus
-    # model reload) before the run fails. Calls only; a broken ScoreStream is not retried.
+    # model reload) before the run fails; a broken ScoreStream is opened again within it too.
     retry_budget_s: float = 60.0
     connect_timeout_s: float = 30.0  # how long start-up waits for the server to be SERVING
     encoding: Literal["raw", "png", "jpeg"] = "raw"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -16,8 +17,11 @@ class NoopReward(RewardModel):
     def __init__(self, name: str, params: NoopParams):
         super().__init__(name)
         self.value = params.value
+        self.delay_s = params.delay_ms / 1000.0
 
     def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
+        if self.delay_s > 0:
+            time.sleep(self.delay_s)
         return np.full(len(images), self.value, dtype=np.float32)
 
 

@@ -10,7 +10,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from ..errors import RewardError
+from ..errors import RETRY_AFTER_KEY, RewardError
 from ..metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def fail(exc: BaseException, context) -> None:
             if isinstance(exc, RewardError):
-                await context.abort(exc.code, str(exc))
+                trailer = ()
+                if exc.retry_after_s is not None:  # transient: the client may try again after it
+                    trailer = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+                await context.abort(exc.code, str(exc), trailing_metadata=trailer)
             log.exception("unexpected error in %s", method, exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 

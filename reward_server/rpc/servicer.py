@@ -89,7 +89,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             return await convert.score(self.host, wire.parse(reward_pb2.ScoreRequest, request))
         except RewardError as exc:
             # Name the message so a client can tell which group of its stream was refused.
-            raise type(exc)(f"stream message {index}: {exc}") from None
+            raise type(exc)(f"stream message {index}: {exc}", retry_after_s=exc.retry_after_s) from None
 
     async def UpdateDiscriminator(self, request: bytes, context):
         return await convert.update(self.host, wire.parse(reward_pb2.UpdateDiscriminatorRequest, request))
@@ -98,5 +98,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         return convert.list_models_response(self.host.list_models())
 
     async def CheckSharedMemory(self, request: reward_pb2.CheckSharedMemoryRequest, context):
-        readable, detail = shared_memory.check_readable(self.host.shared_memory, request.slice, request.expected)
+        readable, detail = await self.host.run_decode(  # a file read: off the event loop
+            shared_memory.check_readable, self.host.shared_memory, request.slice, request.expected
+        )
         return reward_pb2.CheckSharedMemoryResponse(readable=readable, detail=detail)

@@ -55,8 +55,10 @@ class HttpState:
 def build_app(host: ModelHost, state: HttpState) -> Starlette:
     settings = host.config.server
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, retry_after_s: float | None = None) -> JSONResponse:
+        # Retry-After is in whole seconds: a transient refusal asks for at least 1 s.
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     def authorised(request: Request) -> bool:
         if not settings.auth_token:
@@ -120,7 +122,7 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
             except _HttpError as exc:
                 return error(exc.status, str(exc))
             except RewardError as exc:
-                return error(exc.http_status, str(exc))
+                return error(exc.http_status, str(exc), exc.retry_after_s)
             except Exception as exc:  # a bug: log it, answer JSON like every other error
                 log.exception("unexpected error in %s", request.url.path)
                 return error(500, f"internal error: {type(exc).__name__}: {exc}")
