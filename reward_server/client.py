@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
-from .errors import RETRY_AFTER_KEY
+from .protocol import RETRY_AFTER_KEY, STREAM_OPEN_KEY
 from .images import RAW, encode_image_parts
 from .shared_memory import SharedMemoryArena, SharedMemoryFull, SharedMemorySlots, StreamClosed
 
@@ -394,10 +394,12 @@ class RewardClient:
         them does not count against the server.
 
         A stream that fails with a retryable status (UNAVAILABLE: the server restarted, or the
-        connection dropped) is opened again after a backoff, as ``retry`` allows (its time budget
-        counts from the failure; an answer on the new stream resets it). The messages left
-        unanswered are sent again first, in order, then the rest of ``groups``; answers already
-        received are kept, so every group is yielded exactly once, in order.
+        connection dropped; RESOURCE_EXHAUSTED the server marks transient) is opened again after a
+        backoff, as ``retry`` allows. Its budget counts from the failure and starts afresh after an
+        answer, or when a stream the server had accepted fails (a restart while the stream was
+        idle is a new outage). The messages left unanswered are sent again first, in order, then
+        the rest of ``groups``; answers already received are kept, so every group is yielded
+        exactly once, in order.
 
         If ``groups`` raises (or an image cannot be encoded), the stream ends there: the groups
         before it are yielded, then that exception is raised."""
@@ -470,8 +472,12 @@ class RewardClient:
                 try:
                     responses[k] = future.result()
                 except grpc.RpcError as exc:
-                    if _retry_delay(self.retry, exc, 0.0) is None:
+                    delay = _retry_delay(self.retry, exc, self.retry.initial_backoff_s)
+                    if delay is None:
                         raise
+                    log.warning("reward server %s: %s; retrying call %d of %d alone in %.2fs", self.target,
+                                exc.code().name, k + 1, len(requests), delay)
+                    time.sleep(min(delay, self.retry.max_elapsed_s or math.inf))
                     responses[k] = self._call(method, requests[k])
         finally:
             for _, future in running:
@@ -828,6 +834,7 @@ class _StreamCall:
     call: Any = None
     receiver: threading.Thread | None = None
     closed_at: float | None = None  # all sent: the server owes the answers and the stream's end
+    opened: bool = False  # the server accepted it (its STREAM_OPEN_KEY header came)
     answered: bool = False
     done: bool = False  # the call has ended
     error: BaseException | None = None
@@ -934,7 +941,8 @@ class _StreamRun:
                         except BaseException as exc:  # noqa: BLE001 - ends the stream like the caller's own
                             self.slots.drop(arena)
                             self.exhausted = True
-                            self.failure, self.failed_at = exc, parts[0][0]
+                            if self.failure is None:  # the caller's own exception, if any, comes first
+                                self.failure, self.failed_at = exc, parts[0][0]
                             self.to_send.clear()
                             self.cond.notify_all()
                             return
@@ -952,6 +960,10 @@ class _StreamRun:
         """Takes the answers as they come (so the caller's pace never looks like a silent
         server) and frees their segments."""
         try:
+            headers = stream.call.initial_metadata() or ()  # waits for them, or for the call's end
+            if any(key == STREAM_OPEN_KEY for key, _ in headers):
+                with self.cond:
+                    stream.opened = True
             for response in stream.call:
                 with self.cond:
                     if not self.inflight:
@@ -1050,8 +1062,14 @@ class _StreamRun:
                 error = stream.error
                 if error is None or not self._owed():
                     break  # ended well, or failed with every answer in: nothing to do again
-                if stream.answered or not outage:  # a new outage: a fresh retry budget
-                    outage, attempt, backoff = True, 1, policy.initial_backoff_s
+                # A new outage gets a fresh retry budget: the first failure, one after an answer,
+                # or one of a stream the server had accepted (it was up, e.g. idle while the
+                # caller sampled, and then restarted). Only an answer resets the backoff, so a
+                # server that accepts streams and fails them at once is not retried in a hot loop.
+                if stream.answered or stream.opened or not outage:
+                    if stream.answered or not outage:
+                        backoff = policy.initial_backoff_s
+                    outage, attempt = True, 1
                     give_up_at = None if policy.max_elapsed_s is None else time.monotonic() + policy.max_elapsed_s
                 delay = _retry_delay(policy, error, backoff)
                 if delay is None:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import grpc
 
 
-RETRY_AFTER_KEY = "advgrpo-retry-after-ms"  # gRPC trailer of a transient refusal (HTTP: Retry-After)
-
-
 class RewardError(Exception):
     """Base class: a failure the caller can act on. ``str(err)`` is the message sent back.
 

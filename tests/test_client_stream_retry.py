@@ -15,6 +15,7 @@ import pytest
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from reward_server.client import Group, RetryPolicy, RewardClient
 from reward_server.process import ServerProcess
+from reward_server.protocol import STREAM_OPEN_KEY
 
 from .test_client import free_port
 
@@ -24,10 +25,12 @@ FAST_RETRY = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, max_elapsed
 class FlakyStreamService(reward_pb2_grpc.RewardServiceServicer):
     """Each ScoreStream call records the group ids it receives. Call ``k`` (from 0) answers
     ``answers[k]`` messages, then aborts with ``codes[k]``; calls past the lists answer everything.
-    Every reward is the image count of its group."""
+    A call in ``up_for_s`` first accepts the stream as our server does (its STREAM_OPEN_KEY
+    header) and stays up that long before reading anything. Every reward is the image count of
+    its group."""
 
-    def __init__(self, answers: list[int], codes: list[grpc.StatusCode]):
-        self.answers, self.codes = answers, codes
+    def __init__(self, answers: list[int], codes: list[grpc.StatusCode], up_for_s: dict[int, float] | None = None):
+        self.answers, self.codes, self.up_for_s = answers, codes, up_for_s or {}
         self.calls: list[list[str]] = []
         self.lock = threading.Lock()
 
@@ -36,6 +39,9 @@ class FlakyStreamService(reward_pb2_grpc.RewardServiceServicer):
             k = len(self.calls)
             received: list[str] = []
             self.calls.append(received)
+        if k in self.up_for_s:
+            context.send_initial_metadata(((STREAM_OPEN_KEY, "1"),))
+            time.sleep(self.up_for_s[k])
         for answered, request in enumerate(request_iterator):
             received.extend(g.group_id for g in request.groups)
             if k < len(self.answers) and answered >= self.answers[k]:
@@ -133,6 +139,40 @@ def test_a_stream_that_keeps_failing_raises_once_the_attempts_are_spent(flaky):
         client.close()
 
 
+def test_a_stream_that_was_up_and_then_failed_is_a_new_outage(flaky):
+    """The first stream fails at once and starts an outage with a 1 s budget; the second is
+    accepted (the server is up again) and fails 1.5 s later without answering anything, as when
+    the server restarts while the caller is still sampling. That is a new outage: retried, where
+    counting it against the first one's spent budget gave up."""
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    service = FlakyStreamService(answers=[0, 0], codes=[unavailable, unavailable], up_for_s={1: 1.5})
+    retry = RetryPolicy(max_elapsed_s=1.0, initial_backoff_s=0.01, max_backoff_s=0.05)
+    client = RewardClient(flaky(service), timeout_s=10, retry=retry)
+    try:
+        out = list(client.score_stream(iter(numbered_groups(3))))
+        assert [s.group_id for s in out] == ["g0", "g1", "g2"]
+        assert len(service.calls) == 3
+    finally:
+        client.close()
+
+
+def test_a_stream_never_accepted_gives_up_within_its_budget(flaky):
+    """Streams that fail before the server accepts them (never up) stay one outage: the time
+    budget ends the retries."""
+    codes = [grpc.StatusCode.UNAVAILABLE] * 1000
+    service = FlakyStreamService(answers=[0] * 1000, codes=codes)
+    retry = RetryPolicy(max_elapsed_s=0.5, initial_backoff_s=0.01, max_backoff_s=0.05)
+    client = RewardClient(flaky(service), timeout_s=10, retry=retry)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.score_stream(iter(numbered_groups(2))))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert 0.5 <= time.monotonic() - t0 < 5 and len(service.calls) > 3
+    finally:
+        client.close()
+
+
 def test_an_answer_on_the_new_stream_gives_a_fresh_retry_budget(flaky):
     """Two separate outages, each within max_attempts=2, do not add up to a failure."""
     unavailable = grpc.StatusCode.UNAVAILABLE
@@ -167,6 +207,13 @@ def test_score_stream_outlives_a_killed_and_restarted_server(tmp_path):
                           retry=RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.5, max_elapsed_s=60))
     out = []
     try:
+        # The server accepts a stream at once, before anything is sent on it.
+        with grpc.insecure_channel(servers[0].target) as channel:
+            idle = threading.Event()
+            call = reward_pb2_grpc.RewardServiceStub(channel).ScoreStream(iter(idle.wait, True), timeout=30)
+            assert (STREAM_OPEN_KEY, "1") in call.initial_metadata()
+            idle.set()
+            call.cancel()
         for score in client.score_stream(groups()):
             out.append(score)
             if len(out) == 4:

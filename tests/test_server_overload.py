@@ -17,7 +17,8 @@ import pytest
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from reward_server.client import Group, RetryPolicy, RewardClient
 from reward_server.config import load_config
-from reward_server.errors import RETRY_AFTER_KEY, ConfigError, ResourceExhausted
+from reward_server.errors import ConfigError, ResourceExhausted
+from reward_server.protocol import RETRY_AFTER_KEY
 from reward_server.host import DecodedBytesBudget, DecodedBytesTicket
 
 from .test_http import group_json

@@ -10,7 +10,8 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from ..errors import RETRY_AFTER_KEY, RewardError
+from ..errors import RewardError
+from ..protocol import RETRY_AFTER_KEY
 from ..metrics import ServerMetrics
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .. import convert, shared_memory, wire
 from ..errors import RewardError
+from ..protocol import STREAM_OPEN_KEY
 from ..host import ModelHost
 
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
@@ -62,6 +63,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         """Scores up to ``max_stream_inflight`` requests at once; answers strictly in request order."""
         limit = self.host.config.server.max_stream_inflight
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=limit)
+        # Headers now, not with the first answer: the client learns the stream is up even while
+        # it has nothing to send (and so that a later failure is a new outage, not this one).
+        await context.send_initial_metadata(((STREAM_OPEN_KEY, "1"),))
 
         async def read_requests() -> None:
             index = 0
