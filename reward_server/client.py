@@ -107,14 +107,41 @@ class RetryPolicy:
             raise ValueError(f"RetryPolicy.max_elapsed_s must be >= 0, got {self.max_elapsed_s}")
 
 
-def _retry_delay(policy: RetryPolicy, exc: BaseException, backoff: float) -> float | None:
-    """How long to wait before trying ``exc``'s call again (jittered ``backoff``, or the server's
-    hint if longer), or None if ``exc`` is not worth retrying."""
-    code = exc.code() if isinstance(exc, grpc.RpcError) else None
-    hint = _retry_after_s(exc) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-    if code not in policy.retryable and hint is None:
-        return None
-    return max(backoff * (0.5 + random.random() / 2), hint or 0.0)  # jitter keeps clients from stampeding
+class _RetryBudget:
+    """One outage's retries under a ``RetryPolicy``: the attempts made, the next backoff and the
+    time limit, all counted from when it was made (or ``renew``ed)."""
+
+    def __init__(self, policy: RetryPolicy, target: str):
+        self.policy, self.target = policy, target
+        self.backoff = policy.initial_backoff_s
+        self.renew()
+
+    def renew(self) -> None:
+        """A fresh attempt count and time limit; the backoff goes on growing."""
+        self.attempt = 1
+        limit = self.policy.max_elapsed_s
+        self.give_up_at = None if limit is None else time.monotonic() + limit
+
+    def delay(self, exc: BaseException, what: str) -> float | None:
+        """Seconds to wait before the next attempt after ``exc`` (the jittered backoff, or the
+        server's hint if longer, cut at the time limit), or None: ``exc`` is not retryable or the
+        budget is spent, so raise it."""
+        policy = self.policy
+        code = exc.code() if isinstance(exc, grpc.RpcError) else None
+        hint = _retry_after_s(exc) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        if code not in policy.retryable and hint is None:
+            return None
+        left = math.inf if self.give_up_at is None else self.give_up_at - time.monotonic()
+        if left <= 0 or (policy.max_attempts is not None and self.attempt >= policy.max_attempts):
+            log.warning("reward server %s: %s %s; giving up after %d attempt(s)", self.target, what, code.name,
+                        self.attempt)
+            return None
+        jittered = self.backoff * (0.5 + random.random() / 2)  # jitter keeps clients from stampeding
+        delay = min(max(jittered, hint or 0.0), left)
+        log.warning("reward server %s: %s %s; retry %d in %.2fs", self.target, what, code.name, self.attempt, delay)
+        self.attempt += 1
+        self.backoff = min(self.backoff * policy.multiplier, policy.max_backoff_s)
+        return delay
 
 
 def _retry_after_s(exc: grpc.RpcError) -> float | None:
@@ -431,34 +458,25 @@ class RewardClient:
 
     # ------------------------------------------------------------------ internals
 
-    def _call(self, method: Callable[..., T], request) -> T:
-        """``method(request)`` with this client's deadline, retried as ``self.retry`` says."""
-        policy = self.retry
-        backoff = policy.initial_backoff_s
-        give_up_at = None if policy.max_elapsed_s is None else time.monotonic() + policy.max_elapsed_s
-        attempt = 0
+    def _call(self, method: Callable[..., T], request, failed: grpc.RpcError | None = None) -> T:
+        """``method(request)`` with this client's deadline, retried as ``self.retry`` says;
+        ``failed``: the first attempt, made elsewhere, failed with it."""
+        budget = _RetryBudget(self.retry, self.target)
         while True:
-            attempt += 1
+            if failed is not None:
+                delay = budget.delay(failed, "call")
+                if delay is None:
+                    raise failed
+                time.sleep(delay)
             try:
                 return method(request, timeout=self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
-                delay = _retry_delay(policy, exc, backoff)
-                if delay is None:
-                    raise
-                left = math.inf if give_up_at is None else give_up_at - time.monotonic()
-                if left <= 0 or (policy.max_attempts is not None and attempt >= policy.max_attempts):
-                    log.warning("reward server %s: %s; giving up after %d attempt(s)", self.target,
-                                exc.code().name, attempt)
-                    raise
-                delay = min(delay, left)
-                log.warning("reward server %s: %s; retry %d in %.2fs", self.target, exc.code().name, attempt, delay)
-                time.sleep(delay)
-                backoff = min(backoff * policy.multiplier, policy.max_backoff_s)
+                failed = exc
 
     def _call_concurrently(self, method, requests: list) -> list:
         """The responses to ``requests``, in order, with up to ``parallel_calls`` in flight.
         A call that fails with a retryable status is retried alone (``_call``, with backoff);
-        any other failure cancels the calls still running and is raised."""
+        any other failure (``_call`` raises it at once) cancels the calls still running."""
         responses: list = [None] * len(requests)
         running: list[tuple[int, Any]] = []
         next_up = 0
@@ -472,13 +490,7 @@ class RewardClient:
                 try:
                     responses[k] = future.result()
                 except grpc.RpcError as exc:
-                    delay = _retry_delay(self.retry, exc, self.retry.initial_backoff_s)
-                    if delay is None:
-                        raise
-                    log.warning("reward server %s: %s; retrying call %d of %d alone in %.2fs", self.target,
-                                exc.code().name, k + 1, len(requests), delay)
-                    time.sleep(min(delay, self.retry.max_elapsed_s or math.inf))
-                    responses[k] = self._call(method, requests[k])
+                    responses[k] = self._call(method, requests[k], failed=exc)
         finally:
             for _, future in running:
                 future.cancel()
@@ -1043,11 +1055,11 @@ class _StreamRun:
         return all(i != index for parts in waiting for i, _ in parts)
 
     def results(self) -> Iterator[GroupScore]:
-        client, policy = self.client, self.client.retry
+        client = self.client
         stream = self._open()
         pending: list[_Part] = []
         ok = False
-        outage, attempt, backoff, give_up_at = False, 1, policy.initial_backoff_s, None
+        budget: _RetryBudget | None = None  # of the current outage
         try:
             while True:
                 answer = self._next_answer(stream)
@@ -1062,32 +1074,18 @@ class _StreamRun:
                 error = stream.error
                 if error is None or not self._owed():
                     break  # ended well, or failed with every answer in: nothing to do again
-                # A new outage gets a fresh retry budget: the first failure, one after an answer,
-                # or one of a stream the server had accepted (it was up, e.g. idle while the
-                # caller sampled, and then restarted). Only an answer resets the backoff, so a
+                # A new outage gets a fresh budget: the first failure, or one after an answer.
+                # A stream the server had accepted (it was up, e.g. idle while the caller sampled,
+                # then restarted) renews the attempts and time limit but not the backoff, so a
                 # server that accepts streams and fails them at once is not retried in a hot loop.
-                if stream.answered or stream.opened or not outage:
-                    if stream.answered or not outage:
-                        backoff = policy.initial_backoff_s
-                    outage, attempt = True, 1
-                    give_up_at = None if policy.max_elapsed_s is None else time.monotonic() + policy.max_elapsed_s
-                delay = _retry_delay(policy, error, backoff)
+                if budget is None or stream.answered:
+                    budget = _RetryBudget(client.retry, client.target)
+                elif stream.opened:
+                    budget.renew()
+                delay = budget.delay(error, "ScoreStream")
                 if delay is None:
                     break
-                code = error.code()
-                left = math.inf if give_up_at is None else give_up_at - time.monotonic()
-                if left <= 0 or (policy.max_attempts is not None and attempt >= policy.max_attempts):
-                    log.warning("reward server %s: ScoreStream %s; giving up after %d attempt(s)", client.target,
-                                code.name, attempt)
-                    break
-                delay = min(delay, left)
-                with self.cond:
-                    unanswered = len(self.inflight)
-                log.warning("reward server %s: ScoreStream %s with %d message(s) unanswered; opening it again "
-                            "in %.2fs (retry %d)", client.target, code.name, unanswered, delay, attempt)
                 time.sleep(delay)
-                attempt += 1
-                backoff = min(backoff * policy.multiplier, policy.max_backoff_s)
                 stream = self._reopen(stream)
             error = stream.error if self._owed() else None
             if pending and pending[0].index != self.failed_at and self._complete(pending[0].index):

@@ -107,29 +107,28 @@ class DecodedBytesBudget:
 
     def take(self, n: int, images: int) -> None:
         with self._lock:
-            if self.held + n > self.limit:
-                held = self.held
-            else:
-                self.held += n
-                held = None
-                if self._gauge is not None:
-                    self._gauge.set(self.held)
-        if held is not None:
-            raise ResourceExhausted(
-                f"server busy: the request's {images} images need {n} bytes decoded, and requests in flight "
-                f"hold {held} of server.max_inflight_decoded_bytes = {self.limit}; retry later",
-                retry_after_s=self.RETRY_AFTER_S,
-            )
+            held = self.held
+            if held + n <= self.limit:
+                self._set(held + n)
+                return
+        raise ResourceExhausted(
+            f"server busy: the request's {images} images need {n} bytes decoded, and requests in flight "
+            f"hold {held} of server.max_inflight_decoded_bytes = {self.limit}; retry later",
+            retry_after_s=self.RETRY_AFTER_S,
+        )
 
     def give_back(self, n: int) -> None:
         with self._lock:
-            self.held -= n
-            if self._gauge is not None:
-                self._gauge.set(self.held)
+            self._set(self.held - n)
+
+    def _set(self, held: int) -> None:
+        self.held = held
+        if self._gauge is not None:
+            self._gauge.set(held)
 
 
 class DecodedBytesTicket:
-    """One request's share of a ``DecodedBytesBudget``: taken at most once, given back once.
+    """One request's share of a ``DecodedBytesBudget``, given back once.
 
     ``take`` may run in the decode pool after the request was cancelled and ``release``d on the
     event loop; it then takes nothing (a share taken after its release would never come back)."""
@@ -144,8 +143,6 @@ class DecodedBytesTicket:
         with self._lock:
             if self._released:
                 raise RuntimeError("the request ended before its images were decoded")
-            if self._held:
-                raise RuntimeError("a request takes its decoded-bytes share once")
             self._budget.take(n, images)
             self._held = n
 
