@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-EXTRAS := server,trainer,kernels,dev
+# Every install unit, editable (one source root each, all under the advgrpo. namespace).
+UNITS := -e ./protos -e "./common[config,torch]" -e ./client -e "./kernels[triton]" -e ./reward_server -e ./trainer
 STAMP := $(VENV)/.installed
 PROTO_SRC := protos/advgrpo/reward/v1/reward.proto
 PROTO_OUT := protos/advgrpo/reward/v1/reward_pb2.py
@@ -15,11 +16,11 @@ PYTEST_ARGS ?=
 all: venv proto
 
 # The virtualenv is rebuilt when the project's requirements change.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): constraints.txt requirements/dev.in */pyproject.toml protos/setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) install -q -c constraints.txt $(UNITS) -r requirements/dev.in
 	touch $@
 
 venv: $(STAMP)
@@ -35,7 +36,7 @@ sysdeps:
 	@bash scripts/install-sysdeps.sh
 
 demo: venv proto
-	$(PY) -m trainer.demo
+	$(PY) -m advgrpo.trainer.demo
 
 test: venv proto sysdeps
 	$(VENV)/bin/ruff check .

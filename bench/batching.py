@@ -82,7 +82,7 @@ def load(
     """n_clients threads call Score back to back; counts what completes inside the window.
 
     ``weights``: one reward spec for every client, or a list with one per client."""
-    from reward_server.client import Group, RewardClient
+    from advgrpo.client import Group, RewardClient
 
     supplies = [(supply or fresh_groups)(i) for i in range(n_clients)]
     per_client = weights if isinstance(weights, list) else [weights] * n_clients
@@ -200,7 +200,7 @@ def run_throughput(segments: int, segment_s: float, warmup_s: float) -> dict:
 
 def run_memory(duration_s: float, updates: int = 4) -> dict:
     """Full tiny preset under a mixed load; peak RSS afterwards."""
-    from reward_server.client import Group, RewardClient
+    from advgrpo.client import Group, RewardClient
 
     from .transport import photo_like_images
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from reward_server.process import ServerProcess
+from advgrpo.common.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 

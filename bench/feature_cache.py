@@ -56,7 +56,7 @@ CACHE_BYTES = 1 << 30
 
 
 def _tiny_params() -> dict:
-    from reward_server.config import PRESETS
+    from advgrpo.reward_server.config import PRESETS
 
     params = dict(PRESETS["tiny"]["models"]["dino"]["params"])
     params.pop("feature_cache_bytes", None)
@@ -103,8 +103,8 @@ def _same_state(a, b) -> bool:
 
 
 def run_backbone(label: str, params: dict, side: int, n_refs: int, n_gens: int, rounds: int, score_rounds: int) -> dict:
-    from reward_server.config import DinoParams
-    from reward_server.models.dino import DinoDiscriminator
+    from advgrpo.reward_server.config import DinoParams
+    from advgrpo.reward_server.models.dino import DinoDiscriminator
 
     t0 = time.perf_counter()
     models = {

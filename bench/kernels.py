@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from kernels import patch_hinge_loss_reference, patch_score_reference
-from kernels.hinge_loss import patch_hinge_loss_triton
-from kernels.patch_score import check_inputs, patch_score_triton
-from reward_server.models.dino import build_head, sample_patch_index
+from advgrpo.kernels import patch_hinge_loss_reference, patch_score_reference
+from advgrpo.kernels.hinge_loss import patch_hinge_loss_triton
+from advgrpo.kernels.patch_score import check_inputs, patch_score_triton
+from advgrpo.reward_server.models.dino import build_head, sample_patch_index
 
 from .common import machine_info
 

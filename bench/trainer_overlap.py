@@ -11,7 +11,7 @@ Setup (printed with the results):
   request in flight at a time: nothing could join it) is not charged a delay it cannot benefit
   from (with the default 5 ms it would pay ~5 ms on each of its ~52 calls an epoch); streamed
   requests still merge when they queue behind a running batch.
-* The trainer: the tiny preset (``trainer.loop.AdvGrpoTrainer``, tiny SD3, 32 px, 4 steps,
+* The trainer: the tiny preset (``advgrpo.trainer.loop.AdvGrpoTrainer``, tiny SD3, 32 px, 4 steps,
   batch 8, group 4) with ``sampling.batches_per_epoch`` 8 (64 images an epoch, 16 groups of 4),
   the discriminator off (``adversarial.discriminator=`` and a prompts file: every epoch is
   sample -> rewards -> one GRPO step, so all epochs are alike and the only server work is the
@@ -28,9 +28,9 @@ Setup (printed with the results):
   alike), so separate runs per mode (~30 s each) disagreed between attempts (1.85x, 1.49x,
   0.99x); adjacent epochs of one process see the same conditions. Each epoch records the CPU
   time of processes other than ours (``/proc/stat`` busy time minus the two processes' own).
-  ``--sequential-runs N`` adds the literal method (``python -m trainer.train`` once per mode)
+  ``--sequential-runs N`` adds the literal method (``python -m advgrpo.trainer.train`` once per mode)
   as a cross-check.
-* The RSS target: the unmodified tiny preset (``python -m trainer.train --preset tiny`` with a
+* The RSS target: the unmodified tiny preset (``python -m advgrpo.trainer.train --preset tiny`` with a
   synthetic reference set: discriminator updates, eval, checkpoint) as its own subprocess, after
   the timing; peak RSS from ``wait4``'s ru_maxrss (exact, that process only). The server's peak
   is its VmHWM.
@@ -170,8 +170,8 @@ def worker(spec_path: Path) -> int:
 
     torch.set_num_threads(1)
     spec = json.loads(spec_path.read_text())
-    from trainer.config import load_train_config
-    from trainer.loop import AdvGrpoTrainer
+    from advgrpo.trainer.config import load_train_config
+    from advgrpo.trainer.loop import AdvGrpoTrainer
 
     cfg = load_train_config(
         "tiny",
@@ -354,12 +354,12 @@ def run(
                     )
 
             # The RSS target: the tiny preset as shipped (discriminator updates, eval, checkpoint).
-            from trainer.references import write_synthetic_references
+            from advgrpo.trainer.references import write_synthetic_references
 
             refs = write_synthetic_references(tmp / "refs", PROMPTS[:4], per_prompt=4)
             print("  tiny preset run (RSS) ...", file=sys.stderr, flush=True)
             tiny_cmd = [
-                sys.executable, "-m", "trainer.train", "--preset", "tiny", "--server", server.target,
+                sys.executable, "-m", "advgrpo.trainer.train", "--preset", "tiny", "--server", server.target,
                 "--output-dir", str(tmp / "tiny"), "--set", f"adversarial.references={refs}",
                 "--set", "run.tensorboard=false",
             ]  # fmt: skip
@@ -405,7 +405,7 @@ def run(
             "cpu_s": round(worker_cpu, 1),
         },  # fmt: skip
         "tiny_preset_run": {
-            "command": "python -m trainer.train --preset tiny --server <server> --output-dir <dir> "
+            "command": "python -m advgrpo.trainer.train --preset tiny --server <server> --output-dir <dir> "
             "--set adversarial.references=<synthetic, 4 prompts x 4> --set run.tensorboard=false",
             "wall_s": round(tiny_wall, 1),
             "peak_rss_mib": round(tiny_rss, 1),
@@ -440,11 +440,11 @@ def separate_run(
     server: ServerProcess, tmp: Path, prompts: Path, batches: int, overlap: bool, epochs: int,
     cpus: set[int] | None, i: int,
 ) -> list[dict]:  # fmt: skip
-    """``python -m trainer.train`` with one reward.overlap for the whole run; its measured epochs."""
+    """``python -m advgrpo.trainer.train`` with one reward.overlap for the whole run; its measured epochs."""
     name = f"run{i}-{'overlap' if overlap else 'sequential'}"
-    print(f"  {name} (python -m trainer.train) ...", file=sys.stderr, flush=True)
+    print(f"  {name} (python -m advgrpo.trainer.train) ...", file=sys.stderr, flush=True)
     out = tmp / name
-    cmd = [sys.executable, "-m", "trainer.train", "--preset", "tiny", "--server", server.target,
+    cmd = [sys.executable, "-m", "advgrpo.trainer.train", "--preset", "tiny", "--server", server.target,
            "--output-dir", str(out), "--epochs", str(epochs + 1), "--set", f"reward.overlap={str(overlap).lower()}"]  # fmt: skip
     for s in trainer_sets(prompts, batches):
         cmd += ["--set", s]
@@ -503,7 +503,7 @@ def table(results: dict) -> str:
         sr = t["separate_runs"]
         rows.append(
             (
-                "Cross-check: separate `python -m trainer.train` runs per mode",
+                "Cross-check: separate `python -m advgrpo.trainer.train` runs per mode",
                 f"{sr['speedup_median']:.2f}x",
                 f"{sr['sequential']['median_epoch_s']:.2f} s vs {sr['overlap']['median_epoch_s']:.2f} s",
                 "",
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sequential-runs",
         type=int,
         default=0,
-        help="also N pairs of separate `python -m trainer.train` runs per mode (cross-check, ~50 s a pair)",
+        help="also N pairs of separate `python -m advgrpo.trainer.train` runs per mode (cross-check, ~50 s a pair)",
     )
     p.add_argument(
         "--wait-quiet",

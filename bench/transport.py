@@ -120,7 +120,7 @@ TARGET_SPEEDUP = 3.0
 def run(rounds: int = 30, warmup: int = 3, streams: int = 8, stream_groups: int = 8) -> dict:
     import httpx
 
-    from reward_server.client import Group, RewardClient
+    from advgrpo.client import Group, RewardClient
 
     from . import pickle_baseline as baseline
 

@@ -12,13 +12,15 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2
 
 WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
-COPY pyproject.toml setup.py README.md constraints.txt ./
+COPY constraints.txt ./
 COPY protos ./protos
+COPY common ./common
+COPY client ./client
 COPY reward_server ./reward_server
 # the DINO model scores through kernels/ (Triton on CUDA, its PyTorch reference elsewhere)
 COPY kernels ./kernels
-# setup.py generates the gRPC modules from protos/ during the build
-RUN pip install ".[server]" \
+# protos/setup.py generates the gRPC modules during the build
+RUN pip install ./protos ./common[config,torch] ./client ./kernels ./reward_server \
     && useradd --create-home --uid 1000 reward && mkdir -p /state && chown reward /state
 
 USER reward

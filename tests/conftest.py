@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reward_server.process import ServerProcess
+from advgrpo.common.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 

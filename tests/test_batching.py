@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from reward_server.batching import BatchStats, DynamicBatcher
-from reward_server.errors import ResourceExhausted, Unavailable
+from advgrpo.reward_server.batching import BatchStats, DynamicBatcher
+from advgrpo.common.errors import ResourceExhausted, Unavailable
 
 
 class FakeModel:

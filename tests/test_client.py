@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reward_server.client import Group, RetryPolicy, RewardClient
-from reward_server.images import decode_image, encode_image, to_uint8_hwc
+from advgrpo.client import Group, RetryPolicy, RewardClient
+from advgrpo.common.images import decode_image, encode_image, to_uint8_hwc
 
 from .conftest import REPO
 
@@ -38,7 +38,7 @@ def test_client_retries_unavailable_until_the_server_is_up(tmp_path):
 
     def start() -> None:
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "reward_server", "--config", str(cfg), "--port", str(port), "--no-http"],
+            [sys.executable, "-m", "advgrpo.reward_server", "--config", str(cfg), "--port", str(port), "--no-http"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
 
@@ -174,7 +174,7 @@ def test_call_budget_divides_big_payloads_into_at_most_parallel_calls():
 
 def test_hand_written_wire_format_parses_as_the_same_score_request():
     from advgrpo.reward.v1 import reward_pb2
-    from reward_server.client import _ScoreBatch, _UpdateBatch
+    from advgrpo.client import _ScoreBatch, _UpdateBatch
 
     client = RewardClient("127.0.0.1:1")
     rng = np.random.default_rng(1)
@@ -216,6 +216,6 @@ def test_raw_images_are_not_copied_before_serialisation():
 def test_keep_freed_memory_is_accepted_by_glibc():
     """Every mallopt setting (mmap threshold, trim threshold, top pad, arena cap) is taken: in a
     child, so this test process keeps its own allocator settings."""
-    code = "from reward_server.allocator import keep_freed_memory as k; print(k())"
+    code = "from advgrpo.common.allocator import keep_freed_memory as k; print(k())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "True"

@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
-from reward_server.client import Group, RewardClient
+from advgrpo.client import Group, RewardClient
 
 from .conftest import noise_image, smooth_image
 
@@ -56,7 +56,7 @@ class RecordingCall:
 
 @pytest.fixture(scope="module")
 def brightness_server(tmp_path_factory):
-    from reward_server.process import ServerProcess
+    from advgrpo.common.process import ServerProcess
 
     cfg = tmp_path_factory.mktemp("cfg") / "brightness.yaml"
     cfg.write_text("models:\n  brightness: {kind: brightness, weight: 1.0}\n")

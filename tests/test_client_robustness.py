@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-from reward_server.client import Group, RewardClient
+from advgrpo.client import Group, RewardClient
 
 from .conftest import noise_image, smooth_image
 
@@ -138,7 +138,7 @@ class DecoderFailed(Exception):
 
 @pytest.fixture(scope="module")
 def brightness_server(tmp_path_factory):
-    from reward_server.process import ServerProcess
+    from advgrpo.common.process import ServerProcess
 
     cfg = tmp_path_factory.mktemp("cfg") / "brightness.yaml"
     cfg.write_text("models:\n  brightness: {kind: brightness, weight: 1.0}\n")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-from reward_server.client import Group, RetryPolicy, RewardClient
-from reward_server.process import ServerProcess
-from reward_server.protocol import STREAM_OPEN_KEY
+from advgrpo.client import Group, RetryPolicy, RewardClient
+from advgrpo.common.process import ServerProcess
+from advgrpo.common.protocol import STREAM_OPEN_KEY
 
 from .test_client import free_port
 

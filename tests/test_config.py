@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from reward_server.config import PRESETS, load_config
-from reward_server.errors import ConfigError
-from reward_server.typed_config import apply_override, deep_merge, from_mapping
+from advgrpo.reward_server.config import PRESETS, load_config
+from advgrpo.common.errors import ConfigError
+from advgrpo.common.typed_config import apply_override, deep_merge, from_mapping
 
 
 @dataclass
@@ -111,7 +111,7 @@ def test_server_settings_are_checked_before_anything_starts(tmp_path, yaml_text,
 
 
 def test_ipv6_hosts_are_kept_bare_and_bracketed_in_addresses():
-    from reward_server.config import address
+    from advgrpo.reward_server.config import address
 
     for given in ("::1", "[::1]"):
         cfg = load_config("noop", overrides={"server": {"host": given}})
@@ -133,7 +133,7 @@ def test_bad_flags_exit_2_with_the_setting_named(flags, message):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "reward_server", "--preset", "noop", *flags],
+        [sys.executable, "-m", "advgrpo.reward_server", "--preset", "noop", *flags],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
@@ -142,7 +142,7 @@ def test_bad_flags_exit_2_with_the_setting_named(flags, message):
 
 
 def test_loading_with_overrides_never_changes_a_preset():
-    from trainer.config import load_train_config
+    from advgrpo.trainer.config import load_train_config
 
     off = ["adversarial.references=refs.json"]  # a path: read when training starts, not here
     before = load_train_config("tiny", sets=off).reward.timeout_s

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reward_server.client import Group, RewardClient
+from advgrpo.client import Group, RewardClient
 
 from .conftest import REPO, noise_image, smooth_image
 

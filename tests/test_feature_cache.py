@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from reward_server.client import Group, RewardClient
-from reward_server.config import PRESETS, DinoParams, load_config
-from reward_server.errors import ConfigError
-from reward_server.feature_cache import FeatureCache
-from reward_server.models.base import content_digest, content_seed, digest_seeds
-from reward_server.models.dino import DinoDiscriminator
+from advgrpo.client import Group, RewardClient
+from advgrpo.reward_server.config import PRESETS, DinoParams, load_config
+from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.feature_cache import FeatureCache
+from advgrpo.reward_server.models.base import content_digest, content_seed, digest_seeds
+from advgrpo.reward_server.models.dino import DinoDiscriminator
 
 from .conftest import noise_image, smooth_image
 

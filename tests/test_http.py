@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from reward_server.client import Group, RewardClient
-from reward_server.web.app import _finite
+from advgrpo.client import Group, RewardClient
+from advgrpo.reward_server.web.app import _finite
 
 from .conftest import noise_image, smooth_image
 

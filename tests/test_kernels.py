@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import backend_for, patch_hinge_loss, patch_hinge_loss_reference, patch_score, patch_score_reference
-from kernels.patch_score import interpreter_active
-from reward_server.models.dino import (
+from advgrpo import kernels
+from advgrpo.kernels import backend_for, patch_hinge_loss, patch_hinge_loss_reference, patch_score, patch_score_reference
+from advgrpo.kernels.patch_score import interpreter_active
+from advgrpo.reward_server.models.dino import (
     build_head,
     discriminator_loss,
     head_scores,
@@ -44,8 +44,8 @@ from reward_server.models.dino import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# The module, not the function: ``kernels.patch_score`` (the attribute) is the public function.
-ps = importlib.import_module("kernels.patch_score")
+# The module, not the function: ``advgrpo.kernels.patch_score`` (the attribute) is the public function.
+ps = importlib.import_module("advgrpo.kernels.patch_score")
 INTERPRETED = interpreter_active()
 CHILD_ENV = "ADVGRPO_KERNELS_CHILD"
 
@@ -150,7 +150,7 @@ def test_empty_batch_reference():
 def test_reference_logits_do_not_depend_on_the_batch(d, hidden, k, threads):
     """The server's batcher puts an image in batches of any size, at any position: its logits
     must come out the same bit for bit (a single BLAS call over all rows did not)."""
-    from kernels.patch_score import row_logits_reference
+    from advgrpo.kernels.patch_score import row_logits_reference
 
     g = torch.Generator().manual_seed(d)
     b = 24

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reward_server.config import DinoParams, ModelConfig
-from reward_server.errors import InvalidArgument
-from reward_server.models import build_model
-from reward_server.models.base import content_seed
-from reward_server.models.dino import (
+from advgrpo.reward_server.config import DinoParams, ModelConfig
+from advgrpo.common.errors import InvalidArgument
+from advgrpo.reward_server.models import build_model
+from advgrpo.reward_server.models.base import content_seed
+from advgrpo.reward_server.models.dino import (
     DinoDiscriminator,
     build_head,
     discriminator_loss,
@@ -26,7 +26,7 @@ from reward_server.models.dino import (
     sample_patch_index,
     transform_tokens,
 )
-from reward_server.state import StateStore
+from advgrpo.reward_server.state import StateStore
 
 SIZE = 64  # input images; the tiny backbone resizes them to 56 (4x4 patches of 14 px)
 
@@ -224,7 +224,7 @@ def test_l2_transform_is_used_for_scoring_and_training():
 
 
 def test_loads_a_saved_backbone_by_path(tmp_path):
-    from reward_server.models.tiny import tiny_dinov2
+    from advgrpo.common.tiny_models import tiny_dinov2
 
     tiny_dinov2(56, seed=0).save_pretrained(tmp_path / "dinov2")
     by_path = make(backbone=str(tmp_path / "dinov2"))

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from reward_server.config import ModelConfig, PickScoreParams
-from reward_server.errors import ConfigError, FailedPrecondition, InvalidArgument
-from reward_server.models import build_model
-from reward_server.models.pickscore import (
+from advgrpo.reward_server.config import ModelConfig, PickScoreParams
+from advgrpo.common.errors import ConfigError, FailedPrecondition, InvalidArgument
+from advgrpo.reward_server.models import build_model
+from advgrpo.reward_server.models.pickscore import (
     PickScoreModel,
     pair_mask,
     pairwise_accuracy,
     pairwise_logistic_loss,
 )
-from reward_server.state import StateStore
+from advgrpo.reward_server.state import StateStore
 
 SIZE = 48
 CAT, DOG = "a cat", "the red dog"
@@ -126,7 +126,7 @@ def test_split_vision_forward_matches_the_full_one():
 def test_loads_from_save_pretrained_directories(tmp_path):
     from transformers import CLIPProcessor
 
-    from reward_server.models.tiny import tiny_clip
+    from advgrpo.common.tiny_models import tiny_clip
 
     clip, tokenizer, image_processor = tiny_clip(seed=0)
     clip.save_pretrained(tmp_path / "model")

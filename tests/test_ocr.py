@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from reward_server.config import ModelConfig, OcrParams
-from reward_server.errors import ConfigError, InvalidArgument
-from reward_server.models import build_model
-from reward_server.models.ocr import (
+from advgrpo.reward_server.config import ModelConfig, OcrParams
+from advgrpo.common.errors import ConfigError, InvalidArgument
+from advgrpo.reward_server.models import build_model
+from advgrpo.reward_server.models.ocr import (
     MAX_ASPECT,
     OcrReward,
     normalise,

@@ -51,7 +51,7 @@ def test_reward_server_dockerfile_copies_existing_paths_and_runs_a_valid_command
     assert entry[0] == "advgrpo-reward-server"
     # The exact arguments the container runs, parsed by our CLI.
     out = subprocess.run(
-        [sys.executable, "-m", "reward_server", *entry[1:], *cmd, "--print-config"],
+        [sys.executable, "-m", "advgrpo.reward_server", *entry[1:], *cmd, "--print-config"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
@@ -66,6 +66,14 @@ def _dockerfile_copy_sources() -> list[str]:
         if op == "COPY":
             sources += rest.split()[:-1]
     return sources
+
+
+def _dockerfile_installed_units() -> list[str]:
+    """The unit folders the Dockerfile's `pip install ./a ./b[extra] ...` installs."""
+    for op, rest in dockerfile_instructions(REPO / "docker/reward-server.Dockerfile"):
+        if op == "RUN" and "pip install ./" in rest:
+            return [w[2:].split("[")[0] for w in rest.split() if w.startswith("./")]
+    raise AssertionError("no `pip install ./...` in the Dockerfile")
 
 
 @pytest.mark.slow
@@ -83,26 +91,32 @@ def test_the_docker_images_files_build_a_server_that_starts(tmp_path):
         shutil.copy2(REPO / rel, src / rel)
     assert not list(src.rglob("*_pb2.py")), "generated modules must come from the build, not the checkout"
     wheels = tmp_path / "wheels"
+    units = _dockerfile_installed_units()
+    assert {"protos", "common", "client", "kernels", "reward_server"} <= set(units), units
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+         *(str(src / u) for u in units)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    (wheel,) = wheels.glob("advgrpo-*.whl")
-    with zipfile.ZipFile(wheel) as z:
-        names = set(z.namelist())
-    assert {"advgrpo/reward/v1/reward_pb2.py", "advgrpo/reward/v1/reward_pb2_grpc.py", "kernels/__init__.py"} <= names
+    names = set()
+    for wheel in wheels.glob("advgrpo_*.whl"):
+        with zipfile.ZipFile(wheel) as z:
+            names |= set(z.namelist())
+    assert {"advgrpo/reward/v1/reward_pb2.py", "advgrpo/reward/v1/reward_pb2_grpc.py", "advgrpo/kernels/__init__.py"} <= names
+    assert not any(n.startswith("advgrpo/__init__") for n in names), "advgrpo/ is a namespace package"
 
     # A bare environment: the wheel unpacked in its site-packages, the dependencies reached through a
     # plain path entry (which, unlike our .venv's own site dir, does not run the checkout's editable hook).
     env_dir = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     (site,) = env_dir.glob("lib/python*/site-packages")
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(site)
+    for wheel in wheels.glob("advgrpo_*.whl"):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     python = env_dir / "bin" / "python"
     proc = subprocess.Popen(
-        [str(python), "-m", "reward_server", "--preset", "tiny", "--port", "0", "--no-http"],
+        [str(python), "-m", "advgrpo.reward_server", "--preset", "tiny", "--port", "0", "--no-http"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -114,7 +128,7 @@ def test_the_docker_images_files_build_a_server_that_starts(tmp_path):
         proc.terminate()
         proc.wait(timeout=60)
     where = subprocess.run(
-        [str(python), "-c", "import reward_server, advgrpo.reward.v1.reward_pb2 as pb; print(reward_server.__file__, pb.__file__)"],
+        [str(python), "-c", "import advgrpo.reward_server, advgrpo.reward.v1.reward_pb2 as pb; print(advgrpo.reward_server.__file__, pb.__file__)"],
         cwd=tmp_path, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     assert all(Path(f).is_relative_to(site) for f in where), where
@@ -132,7 +146,7 @@ def test_the_client_imports_without_the_server_extras():
         f"        if name.split('.')[0] in {server_only!r}:\n"
         "            raise ImportError('server-only module imported: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from reward_server.client import RewardClient, Group\n"
+        "from advgrpo.client import RewardClient, Group\n"
         "RewardClient('127.0.0.1:1').close()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
@@ -151,7 +165,7 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  dino:\n    kind: dino\n    params: {lr: fast}\n")
     out = subprocess.run(
-        [sys.executable, "-m", "reward_server", "--config", str(bad), "--print-config"],
+        [sys.executable, "-m", "advgrpo.reward_server", "--config", str(bad), "--print-config"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     assert out.returncode == 2
@@ -159,7 +173,7 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("server:\n  prot: 1\n")
     out = subprocess.run(
-        [sys.executable, "-m", "reward_server", "--config", str(unknown), "--print-config"],
+        [sys.executable, "-m", "advgrpo.reward_server", "--config", str(unknown), "--print-config"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     assert out.returncode == 2 and "server.prot: unknown key" in out.stderr
@@ -175,7 +189,7 @@ def test_accelerate_configs_parse_and_the_cpu_one_launches_the_trainer(tmp_path)
     # The real launcher, with the CPU config, starts our entry point (it only prints the config).
     out = subprocess.run(
         [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-         str(REPO / "trainer/accelerate/single_cpu.yaml"), "-m", "trainer.train", "--preset", "tiny",
+         str(REPO / "trainer/accelerate/single_cpu.yaml"), "-m", "advgrpo.trainer.train", "--preset", "tiny",
          "--set", "adversarial.discriminator=", "--set", "data.prompts=prompts.txt", "--print-config"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-from reward_server.process import ServerProcess
+from advgrpo.common.process import ServerProcess
 
 from .conftest import noise_image, smooth_image
 

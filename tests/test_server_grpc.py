@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image as PILImage
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-from reward_server.client import Group, RewardClient
+from advgrpo.client import Group, RewardClient
 
 from .conftest import noise_image, smooth_image
 

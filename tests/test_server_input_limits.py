@@ -17,13 +17,13 @@ import pytest
 from PIL import Image as PILImage
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-from reward_server import convert
-from reward_server import shared_memory as shm_module
-from reward_server.client import Group, RewardClient
-from reward_server.config import ServerSettings, load_config
-from reward_server.errors import ConfigError, InvalidArgument
-from reward_server.host import ModelHost
-from reward_server.shared_memory import SHM_DIR, SharedMemoryReader
+from advgrpo.reward_server import convert
+from advgrpo.common import shared_memory as shm_module
+from advgrpo.client import Group, RewardClient
+from advgrpo.reward_server.config import ServerSettings, load_config
+from advgrpo.common.errors import ConfigError, InvalidArgument
+from advgrpo.reward_server.host import ModelHost
+from advgrpo.common.shared_memory import SHM_DIR, SharedMemoryReader
 
 from .conftest import noise_image, smooth_image
 

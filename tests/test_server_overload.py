@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-from reward_server.client import Group, RetryPolicy, RewardClient
-from reward_server.config import load_config
-from reward_server.errors import ConfigError, ResourceExhausted
-from reward_server.protocol import RETRY_AFTER_KEY
-from reward_server.host import DecodedBytesBudget, DecodedBytesTicket
+from advgrpo.client import Group, RetryPolicy, RewardClient
+from advgrpo.reward_server.config import load_config
+from advgrpo.common.errors import ConfigError, ResourceExhausted
+from advgrpo.common.protocol import RETRY_AFTER_KEY
+from advgrpo.reward_server.host import DecodedBytesBudget, DecodedBytesTicket
 
 from .test_http import group_json
 
@@ -60,7 +60,7 @@ def refused(server) -> float:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from reward_server.process import ServerProcess
+    from advgrpo.common.process import ServerProcess
 
     cfg = tmp_path_factory.mktemp("overload") / "server.yaml"
     cfg.write_text(CONFIG)

@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 
-from reward_server.client import Group, RewardClient
+from advgrpo.client import Group, RewardClient
 
 from .conftest import noise_image, smooth_image
 
@@ -118,7 +118,7 @@ def test_state_of_another_model_is_refused_with_a_clear_error(start_server, tmp_
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "reward_server", "--preset", "tiny", "--config", str(cfg), "--no-http",
+        [sys.executable, "-m", "advgrpo.reward_server", "--preset", "tiny", "--config", str(cfg), "--no-http",
          "--port", "0", "--state-dir", str(state)],
         capture_output=True, text=True, timeout=120,
     )

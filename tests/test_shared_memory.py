@@ -1,4 +1,4 @@
-"""Image bytes through /dev/shm for clients on the server's host (reward_server.shared_memory)."""
+"""Image bytes through /dev/shm for clients on the server's host (advgrpo.common.shared_memory)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-from reward_server.client import Group, RewardClient
-from reward_server import shared_memory as shm_module
-from reward_server.errors import InvalidArgument
-from reward_server.process import ServerProcess
-from reward_server.shared_memory import SHM_DIR, SharedMemoryArena, SharedMemoryReader, check_readable
+from advgrpo.client import Group, RewardClient
+from advgrpo.common import shared_memory as shm_module
+from advgrpo.common.errors import InvalidArgument
+from advgrpo.common.process import ServerProcess
+from advgrpo.common.shared_memory import SHM_DIR, SharedMemoryArena, SharedMemoryReader, check_readable
 
 from .conftest import noise_image, smooth_image
 
@@ -277,7 +277,7 @@ def test_auto_falls_back_to_the_socket_where_the_server_cannot_read(server_witho
     before = our_segments()
     with RewardClient(server_without_shm.target, timeout_s=60, shared_memory="auto") as auto:
         auto.wait_ready(60)
-        with caplog.at_level(logging.WARNING, logger="reward_server.client"):
+        with caplog.at_level(logging.WARNING, logger="advgrpo.client"):
             got = auto.score(groups(0, 2, 2))
             streamed = list(auto.score_stream(iter(groups(0, 2, 2))))
         assert not auto.uses_shared_memory()
@@ -299,7 +299,7 @@ def test_a_full_dev_shm_sends_the_bytes_inline(clients, tiny_server, monkeypatch
     before = our_segments()
     with RewardClient(tiny_server.target, timeout_s=60, shared_memory=True, stream_slots=2) as client:
         monkeypatch.setattr(shm_module.os, "posix_fallocate", full)
-        with caplog.at_level(logging.WARNING, logger="reward_server.client"):
+        with caplog.at_level(logging.WARNING, logger="advgrpo.client"):
             assert client.score(groups(3), weights) == want
             assert [s.rewards for s in client.score_stream(iter(groups(3)), weights)] == [g.rewards for g in want]
         assert any("go through the socket" in r.getMessage() for r in caplog.records)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.config import load_train_config
-from trainer.loop import AdvGrpoTrainer
+from advgrpo.trainer.config import load_train_config
+from advgrpo.trainer.loop import AdvGrpoTrainer
 
 from .conftest import REPO
 from .trainer_helpers import PROMPTS, epoch_records, make_reference_set
@@ -90,7 +90,7 @@ def test_generate_reproduces_the_trainers_eval_images(start_server, references, 
     run = tmp_path / "run"
     AdvGrpoTrainer(tiny_config(server, references, run, epochs=2)).run()
     out = tmp_path / "gen"
-    cmd = [sys.executable, "-m", "trainer.generate", "--lora", str(run / "checkpoints" / "epoch-000002"),
+    cmd = [sys.executable, "-m", "advgrpo.trainer.generate", "--lora", str(run / "checkpoints" / "epoch-000002"),
            "--n", "1", "--output", str(out)]
     for p in PROMPTS:
         cmd += ["--prompt", p]
@@ -142,7 +142,7 @@ def free_port() -> int:
     ],
 )
 def test_bad_config_fails_fast_naming_the_key(references, tmp_path, args, message):
-    cmd = [sys.executable, "-m", "trainer.train", "--preset", "tiny", "--set", f"adversarial.references={references}",
+    cmd = [sys.executable, "-m", "advgrpo.trainer.train", "--preset", "tiny", "--set", f"adversarial.references={references}",
            "--output-dir", str(tmp_path / "run"), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2
@@ -151,7 +151,7 @@ def test_bad_config_fails_fast_naming_the_key(references, tmp_path, args, messag
 
 def test_unreachable_server_and_bad_references_fail_fast(tmp_path, references):
     address = f"127.0.0.1:{free_port()}"
-    base = [sys.executable, "-m", "trainer.train", "--preset", "tiny", "--output-dir", str(tmp_path / "run"),
+    base = [sys.executable, "-m", "advgrpo.trainer.train", "--preset", "tiny", "--output-dir", str(tmp_path / "run"),
             "--set", "reward.connect_timeout_s=1"]
     result = subprocess.run([*base, "--server", address, "--set", f"adversarial.references={references}"],
                             capture_output=True, text=True, timeout=120, cwd=REPO)

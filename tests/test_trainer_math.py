@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from trainer.ema import EMA
-from trainer.grpo import group_advantages, grpo_loss, ppo_clipped_loss
-from trainer.schedule import DiscriminatorSchedule
-from trainer.sde import cps_step, kl_to_reference, ode_step, sde_step, sde_window, step_kind
+from advgrpo.trainer.ema import EMA
+from advgrpo.trainer.grpo import group_advantages, grpo_loss, ppo_clipped_loss
+from advgrpo.trainer.schedule import DiscriminatorSchedule
+from advgrpo.trainer.sde import cps_step, kl_to_reference, ode_step, sde_step, sde_window, step_kind
 
 SHAPES = [(2, 4, 8, 8), (3, 1, 5, 7), (1, 16, 3, 3)]
 

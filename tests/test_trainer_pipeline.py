@@ -1,4 +1,4 @@
-"""trainer.pipeline: the tiny SD3 pipeline, loading, LoRA (wrap, disable, save/load) and encode/decode."""
+"""advgrpo.trainer.pipeline: the tiny SD3 pipeline, loading, LoRA (wrap, disable, save/load) and encode/decode."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ pytest.importorskip("peft")
 
 from diffusers import StableDiffusion3Pipeline  # noqa: E402
 
-from trainer.pipeline import (  # noqa: E402
+from advgrpo.trainer.pipeline import (  # noqa: E402
     TINY_IMAGE_SIZE,
     LoraSettings,
     ModelLoadError,

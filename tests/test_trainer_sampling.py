@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer import pipeline as sd3
-from trainer.config import LoraConfig
-from trainer.sampling import Conditioning, sample_with_logprobs, step_log_prob
+from advgrpo.trainer import pipeline as sd3
+from advgrpo.trainer.config import LoraConfig
+from advgrpo.trainer.sampling import Conditioning, sample_with_logprobs, step_log_prob
 
 
 def setup(n: int = 3):

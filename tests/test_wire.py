@@ -1,4 +1,4 @@
-"""reward_server.wire: the server's copy-free request parser gives exactly what protobuf gives."""
+"""advgrpo.reward_server.wire: the server's copy-free request parser gives exactly what protobuf gives."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from advgrpo.reward.v1 import reward_pb2
-from reward_server import wire
-from reward_server.errors import InvalidArgument
-from reward_server.images import decode_image
+from advgrpo.reward_server import wire
+from advgrpo.common.errors import InvalidArgument
+from advgrpo.common.images import decode_image
 
 ScoreRequest, UpdateRequest = reward_pb2.ScoreRequest, reward_pb2.UpdateDiscriminatorRequest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.references import write_synthetic_references
+from advgrpo.trainer.references import write_synthetic_references
 
 PROMPTS = ["a red apple", "a blue car", "a green tree", "a yellow sun"]
 

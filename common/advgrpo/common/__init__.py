@@ -1,0 +1,2 @@
+"""Code the server, the trainer and the client share: errors, config loading, image
+encoding, shared-memory segments, protocol keys, tiny test models. Imports none of them."""

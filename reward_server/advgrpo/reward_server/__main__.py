@@ -1,0 +1,5 @@
+import sys
+
+from advgrpo.reward_server.cli import main
+
+sys.exit(main())

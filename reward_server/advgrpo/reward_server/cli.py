@@ -1,0 +1,88 @@
+"""``python -m advgrpo.reward_server`` / ``advgrpo-reward-server``: the server's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from advgrpo.reward_server.config import PRESETS, dump_config, load_config
+from advgrpo.common.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="advgrpo-reward-server",
+        description="gRPC reward server: PickScore, OCR and a DINOv2 discriminator with online updates.",
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--http-port", type=int, help="HTTP port for health/metrics/gateway/dashboard (default 8080; 0 picks one)")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model set: 'tiny' (in-memory tiny models + real OCR, no downloads) or 'sd3-adv' (real model ids); default sd3-adv unless --config is given")
+    p.add_argument("--config", type=Path, help="YAML config file, merged over the preset")
+    p.add_argument("--state-dir", type=Path, help="directory where discriminator state is made durable")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' (also $ADVGRPO_AUTH_TOKEN)")
+    p.add_argument("--max-message-bytes", type=int, help="gRPC message limit (default 64 MiB)")
+    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    p.add_argument("--ready-file", type=Path, help="write the ready line (JSON with the ports) to this file")
+    p.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    preset = args.preset or (None if args.config else "sd3-adv")
+    server: dict = {}
+    for key, value in (
+        ("host", args.host),
+        ("port", args.port),
+        ("http_port", args.http_port),
+        ("state_dir", str(args.state_dir) if args.state_dir else None),
+        ("device", args.device),
+        ("auth_token", args.auth_token or os.environ.get("ADVGRPO_AUTH_TOKEN") or None),
+        ("max_message_bytes", args.max_message_bytes),
+        ("log_level", args.log_level),
+    ):
+        if value is not None:
+            server[key] = value
+    if args.no_http:
+        server["http_port"] = None
+    return load_config(preset, args.config, {"server": server} if server else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"advgrpo-reward-server: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        yaml.safe_dump(dump_config(config), sys.stdout, sort_keys=False)
+        return 0
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from advgrpo.reward_server.server import run  # imports torch & friends: after argument errors are out of the way
+
+    try:
+        asyncio.run(run(config, args.ready_file))
+    except ConfigError as exc:
+        print(f"advgrpo-reward-server: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Server configuration: typed dataclasses, presets, and loading (preset <- YAML file <- flags)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from advgrpo.common.errors import ConfigError
+from advgrpo.common.typed_config import deep_merge, from_mapping, load_yaml, to_mapping
+
+# "tiny" as a model id builds a small random-initialised model in memory (no downloads).
+TINY = "tiny"
+
+
+@dataclass
+class BatchingConfig:
+    """Per-model dynamic batcher. ``enabled: false`` runs every request on its own."""
+
+    enabled: bool = True
+    max_batch_size: int = 32  # images per model call
+    max_delay_ms: float = 5.0  # how long a partial batch waits for company
+    max_queue_images: int = 4096  # beyond this, requests get RESOURCE_EXHAUSTED
+
+
+@dataclass
+class DinoParams:
+    """Frozen DINOv2 backbone + trainable head (Adv-GRPO). Defaults are the paper's."""
+
+    backbone: str = "facebook/dinov2-base"  # model id, local path, or "tiny"
+    image_size: int = 518
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    head_hidden: int = 512
+    num_patches: int = 64  # K patch tokens per image
+    cls_weight: float = 0.7  # reward = cls_weight*cls + (1-cls_weight)*mean(patches)
+    patch_loss_weight: float = 0.3
+    # One transform for training and scoring: "l2" normalises each token, "none" keeps raw.
+    feature_transform: Literal["l2", "none"] = "l2"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 0  # head initialisation and the salt of the content-seeded patch sampling
+    # Backbone tokens of reference images, kept by content so repeated references skip the
+    # backbone (LRU, bounded by these bytes, held on the model's device; 0 disables it). One
+    # ViT-B/14 image at 518 px is 1370x768 float32 = 4.2 MB, so 1 GiB holds ~250 references.
+    feature_cache_bytes: int = 1 << 30
+    # A second pool for images the model scored recently (generations): the trainer scores its
+    # generations before it sends them to UpdateDiscriminator, so an update then runs no backbone
+    # at all. Separate budget, so generations never evict references. 0 disables it.
+    recent_feature_cache_bytes: int = 1 << 30
+
+
+@dataclass
+class PickScoreParams:
+    """CLIP scored as PickScore; optionally trained as a pairwise discriminator."""
+
+    model: str = "yuvalkirstain/PickScore_v1"  # id, local path, or "tiny"
+    processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # id, local path, or "tiny"
+    trainable: bool = True
+    trainable_blocks: int = 1  # last N vision transformer blocks train; the rest is frozen
+    lr: float = 5e-6
+    betas: tuple[float, float] = (0.5, 0.999)
+    scale: float = 26.0  # reward = logit_scale.exp() * cos / scale
+    seed: int = 0  # initialisation of "tiny" models
+
+
+@dataclass
+class OcrParams:
+    """PP-OCR through rapidocr-onnxruntime (weights ship in the wheel)."""
+
+    # Recognised spans below this confidence are dropped. 0.5 is PaddleOCR's drop_score, which
+    # Flow-GRPO's OCR reward inherits.
+    min_confidence: float = 0.5
+    num_threads: int = 1  # onnxruntime intra-op threads per session; 0: all cores
+
+
+@dataclass
+class NoopParams:
+    """Returns a constant: transport benchmarks and tests. ``delay_ms``: each call takes this long
+    (a stand-in for a slow model in concurrency and load tests; 0 for benchmarks)."""
+
+    value: float = 0.0
+    delay_ms: float = 0.0
+
+
+@dataclass
+class BrightnessParams:
+    """Mean pixel value in [0, 1]: a dense reward for tests and sanity checks of RL."""
+
+
+KIND_PARAMS: dict[str, type] = {
+    "dino": DinoParams,
+    "pickscore": PickScoreParams,
+    "ocr": OcrParams,
+    "noop": NoopParams,
+    "brightness": BrightnessParams,
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    kind: str
+    params: Any  # one of KIND_PARAMS[kind]
+    weight: float = 0.0  # weight in the default reward spec (0: not part of it)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (printed in the ready line)
+    http_port: int | None = 8080  # None disables the HTTP side; 0 picks a free port
+    state_dir: Path | None = None  # where discriminator state is made durable
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_image_side: int = 4096
+    max_aspect_ratio: float = 16.0  # an image's long side / short side (CLIP/OCR resizing blows up past it)
+    # height*width*3 summed over one request's images (and PNG/JPEG bytes read from /dev/shm),
+    # checked before anything is decoded: 1 GiB is ~1400 images of 512x512.
+    max_request_decoded_bytes: int = 1 << 30
+    # The same, summed over every request the server holds at once (decoding or being scored);
+    # a request that would go over it gets RESOURCE_EXHAUSTED with a retry hint.
+    max_inflight_decoded_bytes: int = 4 << 30
+    max_images_per_request: int = 1024
+    max_stream_inflight: int = 8  # ScoreStream requests scored concurrently per stream
+    max_update_steps: int = 1000  # optimizer steps one UpdateDiscriminator may ask for
+    auth_token: str | None = None  # when set, RPCs need "authorization: Bearer <token>"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    torch_threads: int = 0  # 0: torch's default
+    keep_freed_memory: bool = True  # glibc keeps freed buffers warm (reward_server/allocator.py)
+    shared_memory: bool = True  # read image bytes that local clients pass through /dev/shm
+    drain_notice_s: float = 1.0  # NOT_SERVING is announced this long before new RPCs are refused
+    drain_grace_s: float = 10.0  # then in-flight RPCs get this long to finish
+    log_level: str = "INFO"
+
+
+@dataclass
+class ServerConfig:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    models: list[ModelConfig] = field(default_factory=list)
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def default_weights(self) -> dict[str, float]:
+        return {m.name: m.weight for m in self.models if m.weight}
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets are plain mappings, so a YAML file merges over them key by key.
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny random-initialised DINOv2 and CLIP built in memory, real OCR: no downloads.
+    "tiny": {
+        "server": {"port": 50051, "http_port": 8080},
+        "models": {
+            "dino": {
+                "kind": "dino",
+                "weight": 1.0,
+                "params": {
+                    "backbone": TINY,
+                    "image_size": 56,
+                    "head_hidden": 64,
+                    "num_patches": 8,
+                    "lr": 3e-2,
+                    "feature_cache_bytes": 64 << 20,  # 2.1 KB per image: ~30k references
+                    "recent_feature_cache_bytes": 64 << 20,
+                },
+            },
+            "pickscore": {
+                "kind": "pickscore",
+                "params": {"model": TINY, "processor": TINY, "lr": 1e-3},
+            },
+            "ocr": {"kind": "ocr", "batching": {"max_batch_size": 8}},
+        },
+    },
+    # The real models of Adv-GRPO on SD3.5-M.
+    "sd3-adv": {
+        "models": {
+            "dino": {"kind": "dino", "weight": 1.0, "params": {}},
+            "pickscore": {"kind": "pickscore", "params": {}},
+            "ocr": {"kind": "ocr", "batching": {"max_batch_size": 8}},
+        },
+    },
+    # A no-op model only: measures transport.
+    # Nothing to gain from batching a constant: no delay waiting for company.
+    "noop": {"models": {"noop": {"kind": "noop", "weight": 1.0, "batching": {"max_delay_ms": 0}}}},
+}
+
+
+def build_config(data: Mapping[str, Any]) -> ServerConfig:
+    """Validates a merged mapping ({server: ..., models: {name: {kind, params, ...}}})."""
+    unknown = sorted(set(data) - {"server", "models"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (known keys: models, server)")
+    server = from_mapping(ServerSettings, data.get("server"), "server")
+    models_data = data.get("models") or {}
+    if not isinstance(models_data, Mapping):
+        raise ConfigError("models: expected a mapping of model name -> model config")
+    models = []
+    for name, spec in models_data.items():
+        path = f"models.{name}"
+        if spec is None:  # `name: null` in a YAML file removes a preset's model
+            continue
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(spec).__name__}")
+        kind = spec.get("kind")
+        if kind not in KIND_PARAMS:
+            raise ConfigError(f"{path}.kind: expected one of {', '.join(KIND_PARAMS)}, got {kind!r}")
+        extra = sorted(set(spec) - {"kind", "params", "weight", "batching"})
+        if extra:
+            raise ConfigError(f"{path}.{extra[0]}: unknown key (known keys: batching, kind, params, weight)")
+        params = from_mapping(KIND_PARAMS[kind], spec.get("params"), f"{path}.params")
+        rest = {k: v for k, v in spec.items() if k in ("weight", "batching")}
+        base = from_mapping(_ModelFields, rest, path)
+        models.append(
+            ModelConfig(name=str(name), kind=kind, params=params, weight=base.weight, batching=base.batching)
+        )
+    if not models:
+        raise ConfigError("models: no models configured")
+    _validate(server, models)
+    return ServerConfig(server=server, models=models)
+
+
+@dataclass
+class _ModelFields:
+    weight: float = 0.0
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+# What a model's name must look like: it names its state file (<state-dir>/<name>.safetensors).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_GRPC_MESSAGE_BYTES = (1 << 31) - 1  # gRPC keeps message lengths in an int32
+
+
+def address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets (``[::1]:50051``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
+    # "[::1]" (as in a URL) and "::1" both mean the IPv6 literal; keep it bare.
+    if server.host.startswith("[") and server.host.endswith("]"):
+        server.host = server.host[1:-1]
+    if not server.host:
+        raise ConfigError("server.host: must not be empty")
+    if not 0 <= server.port <= 65535:
+        raise ConfigError(f"server.port: must be in 0..65535, got {server.port}")
+    if server.http_port is not None and not 0 <= server.http_port <= 65535:
+        raise ConfigError(f"server.http_port: must be in 0..65535, got {server.http_port}")
+    if not 1024 <= server.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
+        raise ConfigError(
+            f"server.max_message_bytes: must be in 1024..{MAX_GRPC_MESSAGE_BYTES} (gRPC's limit), "
+            f"got {server.max_message_bytes}"
+        )
+    if server.max_request_decoded_bytes < 1:
+        raise ConfigError(f"server.max_request_decoded_bytes: must be >= 1, got {server.max_request_decoded_bytes}")
+    if server.max_inflight_decoded_bytes < server.max_request_decoded_bytes:
+        raise ConfigError(
+            f"server.max_inflight_decoded_bytes: must be >= server.max_request_decoded_bytes "
+            f"({server.max_request_decoded_bytes}), got {server.max_inflight_decoded_bytes}"
+        )
+    if not server.max_aspect_ratio >= 1:  # also refuses NaN
+        raise ConfigError(f"server.max_aspect_ratio: must be >= 1, got {server.max_aspect_ratio}")
+    if server.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"server.log_level: expected one of {', '.join(LOG_LEVELS)}, got {server.log_level!r}")
+    for m in models:
+        if not MODEL_NAME.match(m.name):
+            raise ConfigError(
+                f"models.{m.name}: a model name may use only letters, digits, '_', '.' and '-' "
+                "(it names the model's state file)"
+            )
+        b = m.batching
+        if b.max_batch_size < 1:
+            raise ConfigError(f"models.{m.name}.batching.max_batch_size: must be >= 1")
+        if b.max_delay_ms < 0:
+            raise ConfigError(f"models.{m.name}.batching.max_delay_ms: must be >= 0")
+        if b.max_queue_images < b.max_batch_size:
+            raise ConfigError(f"models.{m.name}.batching.max_queue_images: must be >= max_batch_size")
+        if m.kind == "dino":
+            p = m.params
+            if p.num_patches < 1:
+                raise ConfigError(f"models.{m.name}.params.num_patches: must be >= 1")
+            if not 0.0 <= p.cls_weight <= 1.0:
+                raise ConfigError(f"models.{m.name}.params.cls_weight: must be in [0, 1]")
+            for key in ("feature_cache_bytes", "recent_feature_cache_bytes"):
+                if getattr(p, key) < 0:
+                    raise ConfigError(f"models.{m.name}.params.{key}: must be >= 0 (0 disables the cache)")
+        if m.kind == "noop" and not 0.0 <= m.params.delay_ms <= 60_000:
+            raise ConfigError(f"models.{m.name}.params.delay_ms: must be in [0, 60000]")
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Preset, then the YAML file over it, then ``overrides`` ({"server": {...}}) from flags."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        data = deep_merge(data, PRESETS[preset])
+    if config_file is not None:
+        data = deep_merge(data, load_yaml(config_file))
+    if overrides:
+        data = deep_merge(data, overrides)
+    return build_config(data)
+
+
+def dump_config(config: ServerConfig) -> dict[str, Any]:
+    """The mapping form of a config (what ``--print-config`` shows)."""
+    out = {"server": to_mapping(config.server), "models": {}}
+    for m in config.models:
+        out["models"][m.name] = {
+            "kind": m.kind,
+            "weight": m.weight,
+            "batching": to_mapping(m.batching),
+            "params": to_mapping(m.params),
+        }
+    return out

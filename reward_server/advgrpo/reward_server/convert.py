@@ -1,0 +1,109 @@
+"""Wire messages <-> host types. Shared by the gRPC servicer and the HTTP JSON gateway."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from advgrpo.reward.v1 import reward_pb2
+
+from advgrpo.reward_server.host import DecodedBytesTicket, GroupInput, GroupResult, ModelHost, ModelStatus, UpdateOutcome
+from advgrpo.common.images import RAW, decode_image, image_size
+
+
+Fields = Sequence[tuple[str, Sequence[reward_pb2.ImageGroup]]]  # (field name, its groups)
+
+
+def _decode_request(host: ModelHost, fields: Fields, ticket: DecodedBytesTicket) -> list[list[GroupInput]]:
+    """Checks every image's size and the request's decoded-bytes budget, takes its share of the
+    server's (``ticket``), then decodes them all: nothing is decoded or copied out of shared
+    memory before every check has passed."""
+    server, shm = host.config.server, host.shared_memory
+    limits = (server.max_image_side, shm, server.max_aspect_ratio)
+    sizes, total = [], 0
+    for field, groups in fields:
+        for i, g in enumerate(groups):
+            for j, img in enumerate(g.images):
+                h, w, extra = image_size(img, f"{field}[{i}].images[{j}]", *limits)
+                sizes.append((h, w))
+                total += h * w * 3 + extra
+    host.check_decoded_bytes(total, len(sizes))
+    ticket.take(total, len(sizes))
+    size = iter(sizes)
+    return [
+        [
+            GroupInput(
+                g.group_id,
+                g.prompt,
+                [decode_image(img, f"{field}[{i}].images[{j}]", *limits, next(size)) for j, img in enumerate(g.images)],
+            )
+            for i, g in enumerate(groups)
+        ]
+        for field, groups in fields
+    ]
+
+
+async def decode_request(host: ModelHost, fields: Fields, ticket: DecodedBytesTicket) -> list[list[GroupInput]]:
+    """Decodes and validates every image of a request's image fields (one budget for them all;
+    the request's share of the server's is taken on ``ticket``, to be released once it is
+    answered). PNG/JPEG decoding and shared-memory reads run in the decode pool, off the event
+    loop; a request of inline RAW images only (no work but wrapping the bytes) is decoded in place."""
+    offload = any(
+        img.encoding != RAW or img.shared_memory.name for _, groups in fields for g in groups for img in g.images
+    )
+    if offload:
+        return await host.run_decode(_decode_request, host, fields, ticket)
+    return _decode_request(host, fields, ticket)
+
+
+async def score(host: ModelHost, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
+    host.check_groups(request.groups)  # counts before any decoding work
+    with host.decoded_bytes_held() as ticket:
+        (groups,) = await decode_request(host, [("groups", request.groups)], ticket)
+        results = await host.score(groups, dict(request.weights))
+    return score_response(results)
+
+
+def score_response(results: Sequence[GroupResult]) -> reward_pb2.ScoreResponse:
+    out = reward_pb2.ScoreResponse()
+    for r in results:
+        g = out.groups.add(group_id=r.group_id, rewards=r.rewards)
+        for name, values in r.components.items():
+            g.components[name].values.extend(values)
+        for name, version in r.model_versions.items():
+            g.model_versions[name] = version
+    return out
+
+
+async def update(host: ModelHost, request: reward_pb2.UpdateDiscriminatorRequest) -> reward_pb2.UpdateDiscriminatorResponse:
+    host.trainable_model(request.model)  # NOT_FOUND / FAILED_PRECONDITION before any decoding
+    host.check_groups(request.references, "references")
+    host.check_groups(request.generated, "generated")
+    with host.decoded_bytes_held() as ticket:
+        refs, gens = await decode_request(
+            host, [("references", request.references), ("generated", request.generated)], ticket
+        )
+        outcome = await host.update(request.model, refs, gens, request.steps, request.update_id)
+    return update_response(outcome)
+
+
+def update_response(o: UpdateOutcome) -> reward_pb2.UpdateDiscriminatorResponse:
+    return reward_pb2.UpdateDiscriminatorResponse(
+        model=o.model,
+        version=o.version,
+        loss=o.loss,
+        reference_score=o.reference_score,
+        generated_score=o.generated_score,
+        accuracy=o.accuracy,
+        replayed=o.replayed,
+    )
+
+
+def list_models_response(models: Sequence[ModelStatus]) -> reward_pb2.ListModelsResponse:
+    return reward_pb2.ListModelsResponse(
+        models=[
+            reward_pb2.ModelInfo(
+                name=m.name, trainable=m.trainable, version=m.version, kind=m.kind, default_weight=m.default_weight
+            )
+            for m in models
+        ]
+    )

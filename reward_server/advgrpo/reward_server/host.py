@@ -1,0 +1,481 @@
+"""The model host: models, their batchers and executors, durable state, and the request logic.
+
+Everything the gRPC servicer and the HTTP gateway do goes through here, so both behave the same.
+Each model owns a single-thread executor: scoring batches and discriminator updates of one model
+are serialised on it (never concurrent, never on the event loop), while different models run
+side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from advgrpo.reward_server.batching import BatchStats, DynamicBatcher
+from advgrpo.reward_server.config import ModelConfig, ServerConfig
+from advgrpo.common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from advgrpo.reward_server.metrics import ServerMetrics
+from advgrpo.reward_server.models import RewardModel, TrainableRewardModel, build_model
+from advgrpo.common.shared_memory import SharedMemoryReader
+from advgrpo.reward_server.state import FINGERPRINT_KEY, VERSION_KEY, StateStore
+
+log = logging.getLogger(__name__)
+
+UPDATE_ID_KEY = "update_id"
+UPDATE_RESULT_KEY = "update_result"
+
+
+@dataclass
+class GroupInput:
+    group_id: str
+    prompt: str
+    images: list[np.ndarray]  # uint8 [H, W, 3]
+
+
+@dataclass
+class GroupResult:
+    group_id: str
+    rewards: list[float]
+    components: dict[str, list[float]]
+    model_versions: dict[str, int]
+
+
+@dataclass
+class UpdateOutcome:
+    model: str
+    version: int
+    loss: float
+    reference_score: float
+    generated_score: float
+    accuracy: float
+    replayed: bool = False
+
+
+@dataclass
+class ModelStatus:
+    name: str
+    kind: str
+    trainable: bool
+    version: int
+    default_weight: float
+    queue_depth: int
+
+
+@dataclass
+class _Hosted:
+    config: ModelConfig
+    model: RewardModel
+    executor: ThreadPoolExecutor
+    batcher: DynamicBatcher
+    last_update_id: str = ""
+    last_update: UpdateOutcome | None = None
+
+
+@dataclass
+class Event:
+    """A recent happening, for the dashboard."""
+
+    time: float
+    kind: str  # "score" | "update"
+    model: str
+    data: dict = field(default_factory=dict)
+
+
+class DecodedBytesBudget:
+    """The server-wide budget of decoded image bytes in flight (``server.max_inflight_decoded_bytes``):
+    every request holds its images' height*width*3 (plus PNG/JPEG bytes read from shared memory)
+    from before decoding until it is answered, so concurrent requests cannot together decode more
+    than the budget. Thread-safe: requests are decoded in the decode pool and on the event loop."""
+
+    RETRY_AFTER_S = 0.1  # the hint sent with a refusal: about one model call
+
+    def __init__(self, limit: int, gauge=None):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+        self._gauge = gauge
+
+    def take(self, n: int, images: int) -> None:
+        with self._lock:
+            held = self.held
+            if held + n <= self.limit:
+                self._set(held + n)
+                return
+        raise ResourceExhausted(
+            f"server busy: the request's {images} images need {n} bytes decoded, and requests in flight "
+            f"hold {held} of server.max_inflight_decoded_bytes = {self.limit}; retry later",
+            retry_after_s=self.RETRY_AFTER_S,
+        )
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self._set(self.held - n)
+
+    def _set(self, held: int) -> None:
+        self.held = held
+        if self._gauge is not None:
+            self._gauge.set(held)
+
+
+class DecodedBytesTicket:
+    """One request's share of a ``DecodedBytesBudget``, given back once.
+
+    ``take`` may run in the decode pool after the request was cancelled and ``release``d on the
+    event loop; it then takes nothing (a share taken after its release would never come back)."""
+
+    def __init__(self, budget: DecodedBytesBudget):
+        self._budget = budget
+        self._held = 0
+        self._released = False
+        self._lock = threading.Lock()
+
+    def take(self, n: int, images: int) -> None:
+        with self._lock:
+            if self._released:
+                raise RuntimeError("the request ended before its images were decoded")
+            self._budget.take(n, images)
+            self._held = n
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            held, self._held = self._held, 0
+        if held:
+            self._budget.give_back(held)
+
+
+class ModelHost:
+    def __init__(self, config: ServerConfig, models: dict[str, RewardModel], metrics: ServerMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or ServerMetrics()
+        self.decoded_bytes = DecodedBytesBudget(config.server.max_inflight_decoded_bytes,
+                                                self.metrics.inflight_decoded_bytes)
+        self.store = StateStore(config.server.state_dir) if config.server.state_dir else None
+        self.events: collections.deque[Event] = collections.deque(maxlen=500)
+        # Discriminator curves for the dashboard: kept apart from the busy event stream.
+        self.update_history: dict[str, collections.deque[dict]] = {
+            m.name: collections.deque(maxlen=2000) for m in config.models
+        }
+        self.started_at = time.time()
+        self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        # Image bytes from clients on this host, through /dev/shm (see shared_memory.py).
+        self.shared_memory = SharedMemoryReader() if config.server.shared_memory else None
+        self._hosted: dict[str, _Hosted] = {}
+        for cfg in config.models:
+            model = models[cfg.name]
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{cfg.name}")
+            batcher = DynamicBatcher(
+                self._batch_fn(cfg.name, model),
+                executor=executor,
+                max_batch_size=cfg.batching.max_batch_size,
+                max_delay_s=cfg.batching.max_delay_ms / 1000.0,
+                max_queue_items=cfg.batching.max_queue_images,
+                enabled=cfg.batching.enabled,
+                name=cfg.name,
+                on_batch=self._on_batch(cfg.name),
+            )
+            self._hosted[cfg.name] = _Hosted(cfg, model, executor, batcher)
+        for h in self._hosted.values():
+            self._restore(h)
+            self.metrics.model_version.labels(h.config.name).set(h.model.version)
+            self._record_stats(h.config.name, h.model)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, device: str = "cpu", warmup: bool = True) -> "ModelHost":
+        """Loads every configured model, restores durable state, and proves each model runs."""
+        models: dict[str, RewardModel] = {}
+        for cfg in config.models:
+            t0 = time.perf_counter()
+            models[cfg.name] = build_model(cfg, device=device)
+            log.info("loaded model %s (%s) in %.1fs", cfg.name, cfg.kind, time.perf_counter() - t0)
+        host = cls(config, models)
+        if warmup:
+            for name, model in models.items():
+                model.warmup()
+                host._record_stats(name, model)
+                log.info("model %s warm-up ok (version %d)", name, model.version)
+        host.metrics.ready.set(1)
+        return host
+
+    def _restore(self, h: _Hosted) -> None:
+        model = h.model
+        if self.store is None or not isinstance(model, TrainableRewardModel) or not model.trainable:
+            return
+        saved = self.store.load(h.config.name)
+        if saved is None:
+            return
+        tensors, meta = saved
+        path = self.store.path(h.config.name)
+        if meta.get(FINGERPRINT_KEY) != model.fingerprint():
+            raise ConfigError(
+                f"{path}: state belongs to model {meta.get(FINGERPRINT_KEY)!r}, but {h.config.name!r} is "
+                f"{model.fingerprint()!r}; use another --state-dir or remove the file"
+            )
+        model.import_state(tensors, meta)
+        model.version = int(meta[VERSION_KEY])
+        h.last_update_id = meta.get(UPDATE_ID_KEY, "")
+        if meta.get(UPDATE_RESULT_KEY):
+            vals = [float(v) for v in meta[UPDATE_RESULT_KEY].split(",")]
+            h.last_update = UpdateOutcome(h.config.name, model.version, *vals)
+        log.info("restored %s at version %d from %s", h.config.name, model.version, path)
+
+    # ------------------------------------------------------------------ queries
+
+    def model_names(self) -> list[str]:
+        return list(self._hosted)
+
+    def list_models(self) -> list[ModelStatus]:
+        return [
+            ModelStatus(
+                name,
+                h.config.kind,
+                bool(h.model.trainable),
+                h.model.version,
+                h.config.weight,
+                h.batcher.queue_depth,
+            )
+            for name, h in self._hosted.items()
+        ]
+
+    def last_update(self, name: str) -> UpdateOutcome | None:
+        """The model's last acknowledged update (also one restored from the state dir)."""
+        return self._get(name).last_update
+
+    def _get(self, name: str) -> _Hosted:
+        try:
+            return self._hosted[name]
+        except KeyError:
+            raise NotFound(f"model {name!r} is not served here (models: {', '.join(self._hosted)})") from None
+
+    def resolve_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        if not weights:
+            weights = self.config.default_weights()
+            if not weights:
+                raise InvalidArgument("weights: empty, and the server has no default reward spec")
+        for name, w in weights.items():
+            self._get(name)
+            if not math.isfinite(w):
+                raise InvalidArgument(f"weights[{name!r}]: must be finite, got {w}")
+        return dict(weights)
+
+    # ------------------------------------------------------------------ scoring
+
+    def check_groups(self, groups: Sequence, field_name: str = "groups") -> None:
+        """Group-level checks; works on GroupInput and on wire ImageGroup alike (before decoding)."""
+        if not groups:
+            raise InvalidArgument(f"{field_name}: no image groups")
+        total = 0
+        for i, g in enumerate(groups):
+            if not g.images:
+                raise InvalidArgument(f"{field_name}[{i}] (group_id {g.group_id!r}): empty group, no images")
+            total += len(g.images)
+        limit = self.config.server.max_images_per_request
+        if total > limit:
+            raise ResourceExhausted(f"{field_name}: {total} images in one request, the limit is {limit}")
+
+    def check_decoded_bytes(self, total: int, images: int) -> None:
+        """The request-wide budget: ``total`` is height*width*3 summed over its ``images`` (plus the
+        PNG/JPEG bytes read from shared memory), known before any image is decoded or copied."""
+        limit = self.config.server.max_request_decoded_bytes
+        if total > limit:
+            raise ResourceExhausted(
+                f"the request's {images} images need {total} bytes decoded (height*width*3 each, plus "
+                f"PNG/JPEG bytes read from shared memory), over server.max_request_decoded_bytes = {limit}; "
+                f"send fewer or smaller images per request"
+            )
+
+    @contextlib.contextmanager
+    def decoded_bytes_held(self) -> Iterator[DecodedBytesTicket]:
+        """For one request's lifetime (decoding and scoring): what it takes of the server-wide
+        decoded-bytes budget (``DecodedBytesTicket.take``) is given back when the block ends."""
+        ticket = DecodedBytesTicket(self.decoded_bytes)
+        try:
+            yield ticket
+        finally:
+            ticket.release()
+
+    async def score(self, groups: Sequence[GroupInput], weights: dict[str, float]) -> list[GroupResult]:
+        weights = self.resolve_weights(weights)
+        self.check_groups(groups)
+        where = [f"groups[{i}] (group_id {g.group_id!r})" for i, g in enumerate(groups)]
+        for name in weights:
+            self._hosted[name].model.validate([g.prompt for g in groups], where)
+        items = [(img, g.prompt) for g in groups for img in g.images]
+        per_model = await _gather_or_cancel([self._hosted[name].batcher.submit(items) for name in weights])
+        results: list[GroupResult] = []
+        offset = 0
+        for g in groups:
+            n = len(g.images)
+            components, versions = {}, {}
+            rewards = np.zeros(n, dtype=np.float64)
+            for name, scored in zip(weights, per_model):
+                chunk = scored[offset : offset + n]
+                values = [s for s, _ in chunk]
+                components[name] = values
+                # A request is enqueued whole and updates run between batches, so one group is
+                # scored by one version; max() guards the report should that ever change.
+                versions[name] = max(v for _, v in chunk)
+                rewards += weights[name] * np.asarray(values, dtype=np.float64)
+            results.append(GroupResult(g.group_id, rewards.astype(np.float32).tolist(), components, versions))
+            offset += n
+        now = time.time()
+        for name, scored in zip(weights, per_model):
+            self.metrics.images_scored.labels(name).inc(len(items))
+            mean = float(np.mean([s for s, _ in scored])) if scored else float("nan")
+            self.events.append(Event(now, "score", name, {"images": len(items), "mean": mean}))
+        return results
+
+    def _batch_fn(self, name: str, model: RewardModel):
+        def run(items: list[tuple[np.ndarray, str]]) -> list[tuple[float, int]]:
+            try:
+                scores = model.score([img for img, _ in items], [p for _, p in items])
+            finally:
+                self._record_stats(name, model)
+            version = model.version
+            return [(float(s), version) for s in scores]
+
+        return run
+
+    def _record_stats(self, name: str, model: RewardModel) -> None:
+        """Copies the model's own counters (``RewardModel.stats``) into /metrics; never fails a call."""
+        try:
+            self.metrics.record_model_stats(name, model.stats())
+        except Exception:  # metrics are not worth a failed request
+            log.exception("model %s: stats() failed", name)
+
+    def _on_batch(self, name: str):
+        m = self.metrics
+
+        def record(stats: BatchStats) -> None:
+            m.batch_size.labels(name).observe(stats.size)
+            m.batch_requests.labels(name).observe(stats.requests)
+            m.queue_wait.labels(name).observe(stats.queue_wait_s)
+            m.batch_run.labels(name).observe(stats.run_s)
+            m.queue_depth.labels(name).set(self._hosted[name].batcher.queue_depth if name in self._hosted else 0)
+
+        return record
+
+    # ------------------------------------------------------------------ discriminator updates
+
+    def trainable_model(self, model_name: str) -> _Hosted:
+        if not model_name:
+            raise InvalidArgument("model: required (the name of a trainable model)")
+        h = self._get(model_name)
+        if not (isinstance(h.model, TrainableRewardModel) and h.model.trainable):
+            raise FailedPrecondition(f"model {model_name!r} is not trainable")
+        return h
+
+    async def update(
+        self,
+        model_name: str,
+        references: Sequence[GroupInput],
+        generated: Sequence[GroupInput],
+        steps: int,
+        update_id: str = "",
+    ) -> UpdateOutcome:
+        h = self.trainable_model(model_name)
+        model = h.model
+        if not references or not any(g.images for g in references):
+            raise InvalidArgument("references: no reference images")
+        if not generated or not any(g.images for g in generated):
+            raise InvalidArgument("generated: no generated images")
+        self.check_groups(references, "references")
+        self.check_groups(generated, "generated")
+        steps = steps or 1
+        if steps > self.config.server.max_update_steps:
+            raise InvalidArgument(f"steps: {steps} exceeds the limit of {self.config.server.max_update_steps}")
+        refs = [(img, g.prompt) for g in references for img in g.images]
+        gens = [(img, g.prompt) for g in generated for img in g.images]
+
+        def run() -> UpdateOutcome:
+            # Runs on the model's executor, between scoring batches.
+            if update_id and update_id == h.last_update_id and h.last_update is not None:
+                out = h.last_update
+                return UpdateOutcome(**{**out.__dict__, "replayed": True})
+            snapshot = _clone_state(model.export_state())
+            try:
+                result = model.update(
+                    [i for i, _ in refs], [p for _, p in refs], [i for i, _ in gens], [p for _, p in gens], steps
+                )
+                version = model.version + 1
+                outcome = UpdateOutcome(
+                    model_name, version, result.loss, result.reference_score, result.generated_score, result.accuracy
+                )
+                if self.store is not None:
+                    tensors, meta = model.export_state()
+                    meta = {
+                        **meta,
+                        VERSION_KEY: str(version),
+                        FINGERPRINT_KEY: model.fingerprint(),
+                        UPDATE_ID_KEY: update_id,
+                        UPDATE_RESULT_KEY: ",".join(
+                            repr(float(v))
+                            for v in (result.loss, result.reference_score, result.generated_score, result.accuracy)
+                        ),
+                    }
+                    self.store.save(model_name, tensors, meta)  # durable before acknowledged
+            except BaseException:
+                model.import_state(*snapshot)  # roll back: the version did not change
+                raise
+            finally:
+                self._record_stats(model_name, model)
+            model.version = version
+            h.last_update_id, h.last_update = update_id, outcome
+            return outcome
+
+        outcome = await h.batcher.run_exclusive(run)
+        if not outcome.replayed:
+            m = self.metrics
+            m.updates.labels(model_name).inc()
+            m.model_version.labels(model_name).set(outcome.version)
+            m.update_loss.labels(model_name).set(outcome.loss)
+            m.update_accuracy.labels(model_name).set(outcome.accuracy)
+            m.reference_score.labels(model_name).set(outcome.reference_score)
+            m.generated_score.labels(model_name).set(outcome.generated_score)
+            now = time.time()
+            self.events.append(Event(now, "update", model_name, dict(outcome.__dict__)))
+            self.update_history[model_name].append({"time": now, **outcome.__dict__})
+        return outcome
+
+    # ------------------------------------------------------------------ decoding & lifecycle
+
+    async def run_decode(self, fn, *args):
+        """Runs image decoding (PNG/JPEG) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, *args)
+
+    async def close(self) -> None:
+        for h in self._hosted.values():
+            await h.batcher.close()
+        for h in self._hosted.values():
+            h.executor.shutdown(wait=True)
+            h.model.close()
+        self._decode_pool.shutdown(wait=False)
+
+
+async def _gather_or_cancel(coros):
+    """Like gather, but the first failure cancels the rest (a refused model frees the others)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _clone_state(state):
+    tensors, meta = state
+    return {k: v.detach().clone() for k, v in tensors.items()}, dict(meta)

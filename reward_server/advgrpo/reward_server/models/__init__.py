@@ -1,0 +1,33 @@
+"""Reward models by kind. ``build_model`` is the one place a config becomes a model object."""
+
+from __future__ import annotations
+
+from advgrpo.reward_server.config import ModelConfig
+from advgrpo.reward_server.models.base import RewardModel, TrainableRewardModel, UpdateResult, content_seed
+
+__all__ = ["RewardModel", "TrainableRewardModel", "UpdateResult", "build_model", "content_seed"]
+
+
+def build_model(cfg: ModelConfig, device: str = "cpu") -> RewardModel:
+    """Builds (and loads the weights of) the model ``cfg`` describes, on ``device``."""
+    if cfg.kind == "dino":
+        from advgrpo.reward_server.models.dino import DinoDiscriminator
+
+        return DinoDiscriminator(cfg.name, cfg.params, device=device)
+    if cfg.kind == "pickscore":
+        from advgrpo.reward_server.models.pickscore import PickScoreModel
+
+        return PickScoreModel(cfg.name, cfg.params, device=device)
+    if cfg.kind == "ocr":
+        from advgrpo.reward_server.models.ocr import OcrReward
+
+        return OcrReward(cfg.name, cfg.params)
+    if cfg.kind == "noop":
+        from advgrpo.reward_server.models.noop import NoopReward
+
+        return NoopReward(cfg.name, cfg.params)
+    if cfg.kind == "brightness":
+        from advgrpo.reward_server.models.noop import BrightnessReward
+
+        return BrightnessReward(cfg.name, cfg.params)
+    raise ValueError(f"unknown model kind {cfg.kind!r}")

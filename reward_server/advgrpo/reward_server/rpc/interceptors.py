@@ -1,0 +1,157 @@
+"""Cross-cutting concerns of every RPC, as grpc.aio server interceptors (outermost first):
+metrics (count, latency, status code), auth (bearer token), errors (RewardError -> status)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Awaitable, Callable
+
+import grpc
+
+from advgrpo.common.errors import RewardError
+from advgrpo.common.protocol import RETRY_AFTER_KEY
+from advgrpo.reward_server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+# Health and reflection stay open without a token: orchestrators and grpcurl probe them.
+PUBLIC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
+    """Wraps a handler's behaviour; unary-response and streaming-response RPCs need different shapes."""
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """RewardError -> its status with its message; anything else -> INTERNAL, logged with traceback."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        async def fail(exc: BaseException, context) -> None:
+            if isinstance(exc, RewardError):
+                trailer = ()
+                if exc.retry_after_s is not None:  # transient: the client may try again after it
+                    trailer = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+                await context.abort(exc.code, str(exc), trailing_metadata=trailer)
+            log.exception("unexpected error in %s", method, exc_info=exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+        def wrap_unary(behaviour):
+            async def run(request, context):
+                try:
+                    return await behaviour(request, context)
+                except (grpc.aio.AbortError, GeneratorExit):
+                    raise
+                except Exception as exc:
+                    await fail(exc, context)
+
+            return run
+
+        def wrap_stream(behaviour):
+            async def run(request, context):
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                except (grpc.aio.AbortError, GeneratorExit):
+                    raise
+                except Exception as exc:
+                    await fail(exc, context)
+
+            return run
+
+        return _wrap(handler, wrap_unary, wrap_stream)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every RPC but health and reflection."""
+
+    def __init__(self, token: str):
+        self._expected = f"bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(PUBLIC_SERVICES):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if isinstance(given, bytes):
+            given = given.decode(errors="replace")
+        scheme, _, token = given.partition(" ")
+        if hmac.compare_digest(f"{scheme.lower()} {token}".encode(), self._expected):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+
+        def deny_unary(_behaviour):
+            async def run(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+            return run
+
+        def deny_stream(_behaviour):
+            async def run(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+                yield  # pragma: no cover - makes this an async generator
+
+            return run
+
+        return _wrap(handler, deny_unary, deny_stream)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        m = self.metrics
+
+        def record(context, started: float, failed: bool) -> None:
+            code = context.code()
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            m.rpc_requests.labels(method, name).inc()
+            m.rpc_latency.labels(method).observe(time.perf_counter() - started)
+
+        def wrap_unary(behaviour: Callable[..., Awaitable]):
+            async def run(request, context):
+                started, failed = time.perf_counter(), True
+                try:
+                    response = await behaviour(request, context)
+                    failed = False
+                    return response
+                finally:
+                    record(context, started, failed)
+
+            return run
+
+        def wrap_stream(behaviour):
+            async def run(request, context):
+                started, failed = time.perf_counter(), True
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                    failed = False
+                finally:
+                    record(context, started, failed)
+
+            return run
+
+        return _wrap(handler, wrap_unary, wrap_stream)

@@ -1,0 +1,70 @@
+"""Builds the grpc.aio server: RewardService + health + reflection, interceptors, message limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+
+from advgrpo.reward_server.config import address as listen_address
+from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.host import ModelHost
+from advgrpo.reward_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from advgrpo.reward_server.rpc.servicer import SERVICE as SERVICE_NAME
+from advgrpo.reward_server.rpc.servicer import RewardServicer
+
+
+
+
+class GrpcFrontend:
+    def __init__(self, host: ModelHost):
+        self.host = host
+        settings = host.config.server
+        interceptors = [MetricsInterceptor(host.metrics)]
+        if settings.auth_token:
+            interceptors.append(AuthInterceptor(settings.auth_token))
+        interceptors.append(ErrorInterceptor())
+        limit = settings.max_message_bytes
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        RewardServicer(host).add_to_server(self.server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        address = listen_address(settings.host, settings.port)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"--host/--port {address}: cannot listen ({exc})") from None
+        if self.port == 0:
+            raise ConfigError(f"--host/--port {address}: cannot listen (address in use or not local)")
+
+    async def start(self) -> None:
+        await self.server.start()
+        # Models are loaded and warmed up before the frontend exists: serving at once.
+        await self.set_serving(True)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def drain(self, notice_s: float, grace_s: float) -> None:
+        """NOT_SERVING first, still answering for ``notice_s`` so health checkers and load
+        balancers see it; then refuse new RPCs and give in-flight ones ``grace_s`` to finish."""
+        await self.set_serving(False)
+        await asyncio.sleep(notice_s)
+        await self.server.stop(grace_s)

@@ -1,0 +1,485 @@
+"""The Adv-GRPO training loop. It only wires the pieces: sampling (``sampling``/``sde``), rewards
+from the server (``rewards``), advantages and the clipped loss (``grpo``), the discriminator
+schedule (``schedule``), EMA, checkpoints and logs.
+
+Per epoch: sample groups (each image's trajectory and log-probs stored), stream every group to the
+reward server as soon as it is decoded, score a batch of references with the discriminator, then
+- train the discriminator (UpdateDiscriminator with the epoch's references and generations) when
+  the schedule says so, and/or
+- take GRPO steps on the generator's LoRA.
+Every random choice is drawn from generators seeded by (seed, epoch, rank), so a resumed run
+replays exactly what an unbroken run would have done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from advgrpo.client import Group, RetryPolicy, RewardClient
+from advgrpo.common.errors import ConfigError
+
+from . import pipeline as sd3
+from advgrpo.trainer.checkpoint import TrainerState, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from advgrpo.trainer.config import TrainConfig, dump_train_config
+from advgrpo.trainer.ema import EMA
+from advgrpo.trainer.grpo import group_advantages, grpo_loss
+from advgrpo.trainer.logs import JsonlWriter, MetricsWriter, save_grid
+from advgrpo.trainer.references import ReferenceSet, check_coverage, load_prompts, load_reference_image, load_reference_set
+from advgrpo.trainer.rewards import RewardStream
+from advgrpo.trainer.sampling import Conditioning, Trajectory, sample_with_logprobs, step_log_prob
+from advgrpo.trainer.schedule import DiscriminatorSchedule
+from advgrpo.trainer.sde import kl_to_reference, sde_window
+
+log = logging.getLogger(__name__)
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (seed, epoch, rank, purpose): independent streams, no state."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """Float [B, 3, H, W] in [0, 1] -> uint8 HWC arrays (what goes on the wire)."""
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [np.ascontiguousarray(a) for a in arr]
+
+
+@dataclass
+class EpochSamples:
+    prompt_ids: torch.Tensor  # [N] index into the trainer's prompt list
+    trajectories: list[Trajectory]
+    images: list[np.ndarray]  # uint8, N
+    rewards: torch.Tensor | None = None  # [N]
+
+
+class AdvGrpoTrainer:
+    def __init__(self, cfg: TrainConfig, *, resume: str | Path | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.accelerator = Accelerator(cpu=cfg.run.device == "cpu")
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.state = TrainerState(epoch=0, global_step=0)
+        self._setup_data()  # local files first: their errors need no server
+        self._setup_rewards()
+        self._check_reference_coverage()
+        self._setup_model()
+        self.schedule = DiscriminatorSchedule(
+            mode=cfg.adversarial.schedule if cfg.adversarial.discriminator else "off",
+            ratio_k=cfg.adversarial.ratio_k,
+        )
+        self.metrics = MetricsWriter(self.out, tensorboard=cfg.run.tensorboard, enabled=self.is_main)
+        self._ref_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-scoring")
+        self.reward_log = JsonlWriter(self.out / f"rewards-rank{self.rank}.jsonl")
+        if resume is not None:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_rewards(self) -> None:
+        r = self.cfg.reward
+        self.client = RewardClient(r.server, token=r.token, timeout_s=r.timeout_s, encoding=r.encoding,
+                                   keep_freed_memory=r.keep_freed_memory, shared_memory=r.shared_memory,
+                                   retry=RetryPolicy(max_elapsed_s=r.retry_budget_s))
+        try:
+            self.client.wait_ready(timeout_s=r.connect_timeout_s)
+            models = {m.name: m for m in self.client.list_models()}
+            via = "shared memory" if self.client.uses_shared_memory() else "the socket"  # "auto" asks here
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure here means "unreachable"
+            raise ConfigError(f"reward.server {r.server}: reward server unreachable ({_short(exc)})") from None
+        unknown = sorted(set(r.weights) - set(models))
+        if unknown:
+            raise ConfigError(f"reward.weights: {unknown[0]!r} is not served by {r.server} (models: {', '.join(models)})")
+        disc = self.cfg.adversarial.discriminator
+        if disc:
+            if disc not in models:
+                raise ConfigError(f"adversarial.discriminator: {disc!r} is not served by {r.server}")
+            if not models[disc].trainable:
+                raise ConfigError(f"adversarial.discriminator: {disc!r} on {r.server} is not trainable")
+        self.server_models = models
+        log.info("reward server %s: image bytes go through %s", r.server, via)
+        # The discriminator's own reward is always computed (weight 0 if not part of the spec), so
+        # generated and reference means can be compared.
+        self.score_weights = dict(r.weights)
+        if disc and disc not in self.score_weights:
+            self.score_weights[disc] = 0.0
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.references: ReferenceSet | None = None
+        if cfg.adversarial.references is not None:
+            self.references = load_reference_set(cfg.adversarial.references)
+        if cfg.data.prompts is not None:
+            self.prompts = load_prompts(cfg.data.prompts)
+        else:
+            self.prompts = self.references.prompts
+        self.eval_prompts = cfg.data.eval_prompts or self.prompts[: cfg.run.eval_images]
+
+    def _check_reference_coverage(self) -> None:
+        disc = self.cfg.adversarial.discriminator
+        if self.references is not None and disc and self.server_models[disc].kind == "pickscore":
+            check_coverage(self.references, self.prompts)  # the pairwise loss needs each prompt's refs
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        self.dtype = getattr(torch, cfg.model.dtype)
+        self.pipe = sd3.load_sd3_pipeline(cfg.model.pretrained, dtype=self.dtype, device=self.device, seed=cfg.model.seed)
+        self.transformer = self.pipe.transformer
+        self.lora_params = sd3.add_lora(self.transformer, cfg.lora)
+        self.lora_names = [n for n, p in self.transformer.named_parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.lora_params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps
+        )
+        self.transformer, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        self.ema = EMA(self.lora_params, decay=o.ema_decay, update_every=o.ema_every) if o.ema else None
+        vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        side = cfg.model.resolution // vae_scale
+        self.latent_shape = (self.pipe.transformer.config.in_channels, side, side)
+        self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        neg = sd3.encode_negative_prompt(self.pipe, device=self.device, max_sequence_length=cfg.model.max_sequence_length)
+        self.neg_embeds, self.neg_pooled = neg
+
+    def _conditioning(self, prompts: list[str]) -> Conditioning:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        for p in todo:
+            # Text encoders are frozen: each prompt is encoded once per run, alone, so its
+            # embedding never depends on which prompts it happened to be batched with.
+            embeds, pooled = sd3.encode_prompts(
+                self.pipe, [p], device=self.device, max_sequence_length=self.cfg.model.max_sequence_length
+            )
+            self._cond_cache[p] = (embeds[0], pooled[0])
+        embeds = torch.stack([self._cond_cache[p][0] for p in prompts])
+        pooled = torch.stack([self._cond_cache[p][1] for p in prompts])
+        b = len(prompts)
+        return Conditioning(embeds, pooled, self.neg_embeds.expand(b, -1, -1), self.neg_pooled.expand(b, -1))
+
+    # ------------------------------------------------------------------ epochs
+
+    def epoch_prompt_ids(self, epoch: int) -> list[int]:
+        """This rank's images for the epoch, as prompt indices: every group of group_size images
+        of one prompt, shuffled across all ranks' batches (Flow-GRPO's repeat sampler)."""
+        s = self.cfg.sampling
+        total = s.batch_size * s.batches_per_epoch * self.world
+        n_groups = total // s.group_size
+        rng = random.Random(derived_seed(self.cfg.run.seed, epoch, "prompts"))
+        if n_groups <= len(self.prompts):
+            chosen = rng.sample(range(len(self.prompts)), n_groups)
+        else:
+            chosen = [rng.randrange(len(self.prompts)) for _ in range(n_groups)]
+        ids = [p for p in chosen for _ in range(s.group_size)]
+        rng.shuffle(ids)
+        per_rank = len(ids) // self.world
+        return ids[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def sample_epoch(self, epoch: int, stream: RewardStream) -> EpochSamples:
+        s, cfg = self.cfg.sampling, self.cfg
+        ids = self.epoch_prompt_ids(epoch)
+        gen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.run.seed, epoch, self.rank, "noise"))
+        wgen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.run.seed, epoch, "window"))
+        window = sde_window(s.num_steps, s.sde_window or s.num_steps, generator=wgen)
+        trajectories, images = [], []
+        self.transformer.eval()
+        for b in range(s.batches_per_epoch):
+            batch_ids = ids[b * s.batch_size : (b + 1) * s.batch_size]
+            prompts = [self.prompts[i] for i in batch_ids]
+            traj = sample_with_logprobs(
+                self.transformer, self.pipe.scheduler, self._conditioning(prompts),
+                num_steps=s.num_steps, guidance_scale=s.guidance_scale, step=s.step, noise_level=s.noise_level,
+                window=window, latent_shape=self.latent_shape, generator=gen, device=self.device, dtype=self.dtype,
+            )
+            batch_images = to_uint8(sd3.decode_latents(self.pipe, traj.final_latents))
+            # Stream each prompt's images of this batch right away: the server scores them while
+            # the next batch samples.
+            for pid in dict.fromkeys(batch_ids):
+                idx = [j for j, i in enumerate(batch_ids) if i == pid]
+                stream.submit(f"e{epoch}-r{self.rank}-b{b}-p{pid}", self.prompts[pid], [batch_images[j] for j in idx])
+                self._submitted.append([b * s.batch_size + j for j in idx])
+            trajectories.append(traj)
+            images.extend(batch_images)
+        return EpochSamples(torch.tensor(ids), trajectories, images)
+
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        epochs = range(self.state.epoch, cfg.run.epochs)
+        bar = tqdm(epochs, desc="adv-grpo", disable=not self.is_main, unit="epoch")
+        for epoch in bar:
+            metrics = self.train_epoch(epoch)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", d_version=metrics.get("d_version", "-"))
+            last = epoch == cfg.run.epochs - 1
+            if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 or last:
+                self.evaluate(epoch)
+            if cfg.run.save_every and (epoch + 1) % cfg.run.save_every == 0 or last:
+                self.save(epoch + 1)
+        self.metrics.close()
+        self.reward_log.close()
+        self._ref_pool.shutdown()
+        self.client.close()
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        disc = cfg.adversarial.discriminator
+        t0 = time.perf_counter()
+        # The epoch's references depend only on its prompts: score them while the batches sample.
+        refs_future = self._ref_pool.submit(self._score_references, epoch) if disc else None
+        stream = RewardStream(self.client, self.score_weights, overlap=cfg.reward.overlap)
+        self._submitted: list[list[int]] = []
+        samples = self.sample_epoch(epoch, stream)
+        t_sample = time.perf_counter() - t0 - (0 if cfg.reward.overlap else stream.wait_s)
+        # Rewards, in image order.
+        t1 = time.perf_counter()
+        scores = stream.collect()
+        n = len(samples.images)
+        rewards = torch.zeros(n)
+        components: dict[str, torch.Tensor] = {k: torch.zeros(n) for k in self.score_weights}
+        versions: dict[str, int] = {}
+        for idx, score in zip(self._submitted, scores, strict=True):
+            # Every reward is kept with the model versions that produced it.
+            self.reward_log.write(
+                {"epoch": epoch, "rank": self.rank, "group_id": score.group_id,
+                 "prompt": self.prompts[int(samples.prompt_ids[idx[0]])], "rewards": score.rewards,
+                 "components": score.components, "model_versions": score.model_versions}
+            )
+            rewards[idx] = torch.tensor(score.rewards)
+            for k, v in score.components.items():
+                components[k][idx] = torch.tensor(v)
+            for k, v in score.model_versions.items():
+                versions[k] = max(versions.get(k, 0), v)
+        metrics: dict[str, Any] = {"epoch": epoch}
+        ref_groups, ref_mean = refs_future.result() if refs_future is not None else ([], None)
+        t_reward = time.perf_counter() - t1 + (stream.wait_s if not cfg.reward.overlap else 0.0)
+
+        all_rewards = self.accelerator.gather(rewards.to(self.device)).cpu()
+        all_ids = self.accelerator.gather(samples.prompt_ids.to(self.device)).cpu()
+        o = cfg.optim
+        advantages_all = group_advantages(all_rewards, all_ids, global_std=o.global_std, clip=o.adv_clip_max)
+        advantages = advantages_all.view(self.world, -1)[self.rank]
+        metrics.update(
+            reward_mean=all_rewards.mean().item(),
+            reward_std=all_rewards.std(unbiased=False).item(),
+            reward_versions=versions,
+        )
+        for k, v in components.items():
+            metrics[f"reward_{k}_mean"] = v.mean().item()
+            metrics[f"reward_{k}_std"] = v.std(unbiased=False).item()
+        gen_mean = components[disc].mean().item() if disc else None
+        if disc:
+            metrics.update(generated_mean=gen_mean, reference_mean=ref_mean)
+
+        t2 = time.perf_counter()
+        if disc and self.schedule.trains_discriminator(epoch, gen_mean, ref_mean):
+            metrics.update(self._update_discriminator(epoch, ref_groups, samples))
+        if self.schedule.trains_generator(epoch, gen_mean, ref_mean):
+            metrics.update(self._grpo_update(epoch, samples, advantages))
+        t_train = time.perf_counter() - t2
+        metrics.update(time_sample_s=t_sample, time_reward_s=t_reward, time_train_s=t_train,
+                       time_epoch_s=time.perf_counter() - t0, global_step=self.state.global_step)
+        self.state.epoch = epoch + 1
+        self.metrics.write(self.state.global_step, metrics)
+        return metrics
+
+    def _score_references(self, epoch: int) -> tuple[list[Group], float | None]:
+        """This epoch's references (the epoch's prompts first), scored by the discriminator."""
+        if self.references is None:
+            return [], None
+        rng = random.Random(derived_seed(self.cfg.run.seed, epoch, "references"))
+        prompts = [self.prompts[i] for i in dict.fromkeys(self.epoch_prompt_ids(epoch))]
+        chosen = self.references.pick(prompts, self.cfg.adversarial.references_per_update, rng)
+        res = self.cfg.model.resolution
+        groups = [Group(p, [load_reference_image(path, res) for path in paths], f"ref-{i}")
+                  for i, (p, paths) in enumerate(chosen.items())]
+        disc = self.cfg.adversarial.discriminator
+        scored = self.client.score(groups, {disc: 1.0})
+        values = [v for s in scored for v in s.components[disc]]
+        return groups, float(np.mean(values))
+
+    def _update_discriminator(self, epoch: int, ref_groups: list[Group], samples: EpochSamples) -> dict[str, Any]:
+        disc = self.cfg.adversarial.discriminator
+        out: dict[str, Any] = {}
+        if self.is_main:  # one shared server: one update per epoch, from the main process's images
+            by_prompt: dict[int, list[np.ndarray]] = {}
+            for pid, img in zip(samples.prompt_ids.tolist(), samples.images, strict=True):
+                by_prompt.setdefault(pid, []).append(img)
+            generated = [Group(self.prompts[p], imgs, f"gen-{p}") for p, imgs in by_prompt.items()]
+            result = self.client.update_discriminator(
+                disc, ref_groups, generated, steps=self.cfg.adversarial.steps,
+                update_id=f"{self.cfg.run.output_dir}:{epoch}:{derived_seed(self.cfg.run.seed, epoch)}",
+            )
+            self.state.discriminator_versions[disc] = result.version
+            out = {"d_loss": result.loss, "d_accuracy": result.accuracy, "d_version": result.version,
+                   "d_reference_score": result.reference_score, "d_generated_score": result.generated_score}
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def _grpo_update(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> dict[str, Any]:
+        cfg, s, o = self.cfg, self.cfg.sampling, self.cfg.optim
+        traj = samples.trajectories
+        latents = torch.cat([t.latents for t in traj])
+        next_latents = torch.cat([t.next_latents for t in traj])
+        old_logp = torch.cat([t.log_probs for t in traj])
+        ref = traj[0]
+        n, n_steps = old_logp.shape
+        prompts = [self.prompts[i] for i in samples.prompt_ids.tolist()]
+        gen = torch.Generator().manual_seed(derived_seed(cfg.run.seed, epoch, self.rank, "train"))
+        n_train_steps = max(1, math.ceil(n_steps * o.timestep_fraction))
+        stats: dict[str, list[float]] = {"loss": [], "policy_loss": [], "kl": [], "clip_frac": [], "approx_kl": []}
+        self.transformer.train()
+        for _ in range(o.inner_epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, o.train_batch_size):
+                mb = perm[start : start + o.train_batch_size]
+                cond = self._conditioning([prompts[i] for i in mb.tolist()])
+                steps = torch.randperm(n_steps, generator=gen)[:n_train_steps].tolist()
+                for j in steps:
+                    args = (latents[mb, j], next_latents[mb, j], ref.timesteps[j], ref.sigmas[j], ref.sigmas_next[j], cond)
+                    kw = dict(guidance_scale=s.guidance_scale, step=s.step, noise_level=s.noise_level,
+                              sigma_max=ref.sigma_max, dtype=self.dtype)
+                    with self.accelerator.autocast():
+                        out = step_log_prob(self.transformer, *args, **kw)
+                        kl = None
+                        if o.beta > 0:
+                            with torch.no_grad(), sd3.lora_disabled(self.accelerator.unwrap_model(self.transformer)):
+                                ref_out = step_log_prob(self.transformer, *args, **kw)
+                            # Flow-GRPO scale: divided by std_t (not std_t*sqrt(-dt)), so its beta carries over.
+                            kl = kl_to_reference(out.mean, ref_out.mean, out.std_t)
+                        loss, st = grpo_loss(out.log_prob, old_logp[mb, j], advantages[mb], o.clip_range,
+                                             kl=kl, beta=o.beta)
+                    self.accelerator.backward(loss / len(steps))  # accumulate over timesteps
+                    stats["loss"].append(loss.item())
+                    for k in ("policy_loss", "kl", "clip_frac", "approx_kl"):
+                        if k in st:
+                            stats[k].append(float(st[k]))
+                grad_norm = self.accelerator.clip_grad_norm_(self.lora_params, o.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.global_step += 1
+                if self.ema is not None:
+                    self.ema.step(self.state.global_step)
+        self.transformer.eval()
+        out = {f"train_{k}": float(np.mean(v)) for k, v in stats.items() if v}
+        out["train_grad_norm"] = float(grad_norm)
+        return out
+
+    # ------------------------------------------------------------------ eval, checkpoints
+
+    def evaluate(self, epoch: int) -> Path | None:
+        if not self.is_main:
+            return None
+        with self._ema_weights():
+            images = generate_images(self.pipe, self.eval_prompts, self.cfg, seed=self.cfg.run.seed)
+        path = save_grid(images, self.out / "samples" / f"epoch-{epoch + 1:06d}.png")
+        self.metrics.write(self.state.global_step, {"epoch": epoch, "eval_grid": str(path)})
+        return path
+
+    def _ema_weights(self):
+        import contextlib
+
+        return self.ema.swap_in(self.lora_params) if self.ema is not None else contextlib.nullcontext()
+
+    def save(self, next_epoch: int) -> Path | None:
+        if not self.is_main:
+            return None
+        cfg = self.cfg
+        tensors = {f"lora.{n}": p for n, p in zip(self.lora_names, self.lora_params, strict=True)}
+        from advgrpo.common.optimizer_state import optimizer_state_to_tensors
+
+        opt_tensors, opt_groups = optimizer_state_to_tensors(self.optimizer)
+        tensors.update(opt_tensors)
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items() if torch.is_tensor(v)})
+
+        def write_lora(path: Path) -> None:
+            with self._ema_weights():
+                sd3.save_lora(self.accelerator.unwrap_model(self.transformer), path)
+            (path / "advgrpo.json").write_text(_json(generation_settings(cfg)))
+
+        meta = {"optimizer": opt_groups, "config": dump_train_config(cfg),
+                "ema_meta": {k: v for k, v in (self.ema.state_dict().items() if self.ema else []) if not torch.is_tensor(v)}}
+        self.state.epoch = next_epoch
+        return save_checkpoint(checkpoint_dir(self.out, next_epoch), state=self.state, tensors=tensors, meta=meta,
+                               write_lora=write_lora)
+
+    def _resume(self, resume: str | Path) -> None:
+        directory = latest_checkpoint(self.out) if str(resume) == "latest" else Path(resume)
+        if directory is None:
+            log.info("--resume: no checkpoint under %s, starting fresh", self.out)
+            return
+        state, tensors, meta = load_checkpoint(directory)
+        with torch.no_grad():
+            for name, p in zip(self.lora_names, self.lora_params, strict=True):
+                p.copy_(tensors[f"lora.{name}"])
+        from advgrpo.common.optimizer_state import optimizer_state_from_tensors
+
+        optimizer_state_from_tensors(self.optimizer, tensors, meta["optimizer"])
+        if self.ema is not None:
+            ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+            ema_state.update(meta.get("ema_meta", {}))
+            self.ema.load_state_dict(ema_state)
+        self.state = state
+        log.info("resumed from %s at epoch %d (step %d)", directory, state.epoch, state.global_step)
+
+
+def generation_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """What advgrpo-generate needs to reproduce the trainer's eval images."""
+    return {
+        "pretrained": cfg.model.pretrained,
+        "model_seed": cfg.model.seed,
+        "dtype": cfg.model.dtype,
+        "resolution": cfg.model.resolution,
+        "num_steps": cfg.sampling.eval_num_steps,
+        "guidance_scale": cfg.sampling.guidance_scale,
+        "max_sequence_length": cfg.model.max_sequence_length,
+        "seed": cfg.run.seed,
+    }
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], cfg_or_settings, *, seed: int) -> list[np.ndarray]:
+    """Deterministic (ODE) images, one seeded generator per image: the trainer's eval and
+    advgrpo-generate call this same function, so they produce the same pixels."""
+    s = cfg_or_settings if isinstance(cfg_or_settings, dict) else generation_settings(cfg_or_settings)
+    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    out = pipe(
+        prompt=list(prompts),
+        height=s["resolution"],
+        width=s["resolution"],
+        num_inference_steps=s["num_steps"],
+        guidance_scale=s["guidance_scale"],
+        generator=generators,
+        max_sequence_length=s["max_sequence_length"],
+        output_type="np",
+    ).images
+    return [np.ascontiguousarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)) for img in out]
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2)
+
+
+def _short(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    if callable(details):
+        try:
+            return f"{exc.code().name}: {details()}"  # grpc.RpcError
+        except Exception:  # noqa: BLE001
+            pass
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
