@@ -40,6 +40,7 @@ demo: venv proto
 
 test: venv proto sysdeps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv proto

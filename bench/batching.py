@@ -231,7 +231,7 @@ def run_memory(duration_s: float, updates: int = 4) -> dict:
             def updater() -> None:
                 try:
                     with RewardClient(server.target, timeout_s=120) as c:
-                        for i in range(updates):
+                        for _ in range(updates):
                             if stop.is_set():
                                 return
                             for model in ("dino", "pickscore"):

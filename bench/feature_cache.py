@@ -112,7 +112,8 @@ def run_backbone(label: str, params: dict, side: int, n_refs: int, n_gens: int, 
             "dino", DinoParams(**params, feature_cache_bytes=0, recent_feature_cache_bytes=0), device="cpu"
         ),
         "on": DinoDiscriminator(
-            "dino", DinoParams(**params, feature_cache_bytes=CACHE_BYTES, recent_feature_cache_bytes=CACHE_BYTES),
+            "dino",
+            DinoParams(**params, feature_cache_bytes=CACHE_BYTES, recent_feature_cache_bytes=CACHE_BYTES),
             device="cpu",
         ),
     }

@@ -112,7 +112,7 @@ def hinge_fn(backend: str):
 
 def max_rel_err(got, want) -> float:
     worst = 0.0
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         scale = max(float(w.abs().max()), 1e-6)
         worst = max(worst, float((g.float() - w.float()).abs().max()) / scale)
     return worst
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
                     "max_rel_err": {},
                 }
                 for name in impls:
-                    call = lambda f=fns[name]: f(*inputs)
+                    call = lambda f=fns[name], inputs=inputs: f(*inputs)
                     t0 = time.perf_counter()
                     out = call()  # first call: compiles (torch.compile / Triton JIT)
                     row.setdefault("first_call_s", {})[name] = round(time.perf_counter() - t0, 2)

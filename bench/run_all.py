@@ -48,21 +48,33 @@ def table(results: dict) -> str:
             f"{t['ours_unary']['score_calls_per_group']} concurrent calls)",
             "ours_unary",
         ),
-        timing("Transport: ours, one unary `Score` call carrying the whole group (`parallel_calls=1`)",
-               "ours_unary_single_call"),
+        timing(
+            "Transport: ours, one unary `Score` call carrying the whole group (`parallel_calls=1`)",
+            "ours_unary_single_call",
+        ),
         timing("Transport: ours `ScoreStream`, per group", "ours_stream"),
         timing("Transport: ours unary `Score`, `shared_memory=True` (same host)", "ours_unary_shared_memory"),
-        timing("Transport: ours `ScoreStream`, `shared_memory=True` (same host), per group",
-               "ours_stream_shared_memory"),
+        timing(
+            "Transport: ours `ScoreStream`, `shared_memory=True` (same host), per group", "ours_stream_shared_memory"
+        ),
         timing("Transport: baseline pickle+HTTP, JPEG q75", "baseline_pickle_http_jpeg"),
         speedup("Transport speedup, unary (baseline / ours, medians)", "speedup_unary_median", "unary"),
-        speedup("Transport speedup, one unary call per group (baseline / ours, medians)",
-                "speedup_unary_single_call_median", "unary_single_call"),
+        speedup(
+            "Transport speedup, one unary call per group (baseline / ours, medians)",
+            "speedup_unary_single_call_median",
+            "unary_single_call",
+        ),
         speedup("Transport speedup, stream (baseline / ours, medians)", "speedup_stream_median", "stream"),
-        speedup("Transport speedup, unary through shared memory (baseline / ours, medians)",
-                "speedup_unary_shared_memory_median", "unary_shared_memory"),
-        speedup("Transport speedup, stream through shared memory (baseline / ours, medians)",
-                "speedup_stream_shared_memory_median", "stream_shared_memory"),
+        speedup(
+            "Transport speedup, unary through shared memory (baseline / ours, medians)",
+            "speedup_unary_shared_memory_median",
+            "unary_shared_memory",
+        ),
+        speedup(
+            "Transport speedup, stream through shared memory (baseline / ours, medians)",
+            "speedup_stream_shared_memory_median",
+            "stream_shared_memory",
+        ),
     ]
     if d:
         rows.append(
@@ -140,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("transport ...", file=sys.stderr, flush=True)
     results["quick"] = args.quick
-    results["transport"] = transport.run(rounds=2, warmup=1, streams=1, stream_groups=2) if args.quick else transport.run()
+    results["transport"] = (
+        transport.run(rounds=2, warmup=1, streams=1, stream_groups=2) if args.quick else transport.run()
+    )
     if not (args.no_diagnostic or args.quick):
         print("transport (malloc diagnostic) ...", file=sys.stderr, flush=True)
         results["transport_malloc_diagnostic"] = transport.run_malloc_diagnostic()

@@ -292,7 +292,7 @@ def pipeline_bound(seq: dict, batches: int, reward_s: float | None = None) -> di
 def pair_ratios(records: list[dict]) -> list[float]:
     """sequential / overlapped for each adjacent (ABBA) pair of measured epochs."""
     out = []
-    for a, b in zip(records[0::2], records[1::2]):
+    for a, b in zip(records[0::2], records[1::2], strict=False):
         if a["overlap"] != b["overlap"]:
             on, off = (a, b) if a["overlap"] else (b, a)
             out.append(round(off["time_epoch_s"] / on["time_epoch_s"], 3))
@@ -302,7 +302,7 @@ def pair_ratios(records: list[dict]) -> list[float]:
 def quiet_pairs(records: list[dict], max_foreign_cores: float = 0.1) -> list[float]:
     """pair_ratios over the pairs whose both epochs saw less than ``max_foreign_cores`` of other
     processes' CPU: the speedup where nobody else was competing."""
-    pairs = [(a, b) for a, b in zip(records[0::2], records[1::2])]
+    pairs = [(a, b) for a, b in zip(records[0::2], records[1::2], strict=False)]
     keep = [x for ab in pairs if all(r["foreign_cpu_cores"] < max_foreign_cores for r in ab) for x in ab]
     return pair_ratios(keep)
 

@@ -38,6 +38,7 @@ def tiny_server(tmp_path_factory):
 
 # ---------------------------------------------------------------- images
 
+
 def smooth_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
     """A smooth colour gradient ("reference-like")."""
     y, x = np.mgrid[0:size, 0:size] / (size - 1)

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from advgrpo.reward_server.batching import BatchStats, DynamicBatcher
 from advgrpo.common.errors import ResourceExhausted, Unavailable
+from advgrpo.reward_server.batching import BatchStats, DynamicBatcher
 
 
 class FakeModel:
@@ -392,9 +392,7 @@ def test_split_good_request_keeps_results_from_every_batch(executor):
 
     async def main():
         # The good request's head runs with the bad request, its tail in the next batch.
-        return await asyncio.gather(
-            b.submit(["bad"]), b.submit([1, 2, 3, 4, 5]), b.submit([6]), return_exceptions=True
-        )
+        return await asyncio.gather(b.submit(["bad"]), b.submit([1, 2, 3, 4, 5]), b.submit([6]), return_exceptions=True)
 
     bad, good, other = asyncio.run(main())
     assert isinstance(bad, ValueError)

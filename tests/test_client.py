@@ -37,10 +37,14 @@ def test_client_retries_unavailable_until_the_server_is_up(tmp_path):
     procs: list[subprocess.Popen] = []
 
     def start() -> None:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "advgrpo.reward_server", "--config", str(cfg), "--port", str(port), "--no-http"],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "advgrpo.reward_server", "--config", str(cfg), "--port", str(port), "--no-http"],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
     timer = threading.Timer(3.0, start)
     timer.start()
@@ -173,13 +177,15 @@ def test_call_budget_divides_big_payloads_into_at_most_parallel_calls():
 
 
 def test_hand_written_wire_format_parses_as_the_same_score_request():
-    from advgrpo.reward.v1 import reward_pb2
     from advgrpo.client import _ScoreBatch, _UpdateBatch
+    from advgrpo.reward.v1 import reward_pb2
 
     client = RewardClient("127.0.0.1:1")
     rng = np.random.default_rng(1)
     groups = [
-        client._encode_group(Group("a “quoted” prompt", [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)] * 2, "g0"), 0),
+        client._encode_group(
+            Group("a “quoted” prompt", [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)] * 2, "g0"), 0
+        ),
         client._encode_group(Group("", [np.zeros((300, 1, 3), np.uint8)]), 1),  # empty prompt, long varints
     ]
     png = RewardClient("127.0.0.1:1", encoding="png")._encode_group(Group("p", [np.ones((3, 3, 3), np.uint8)]), 2)

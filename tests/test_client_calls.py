@@ -93,8 +93,9 @@ def test_big_payload_goes_as_concurrent_calls_with_the_same_rewards(brightness_s
 def test_in_flight_calls_are_bounded_by_parallel_calls(brightness_server):
     rng = np.random.default_rng(1)
     group = Group("p", [noise_image(rng, 64) for _ in range(12)])
-    with RewardClient(brightness_server.target, parallel_calls=2, min_call_bytes=12_000,
-                      max_message_bytes=40_000) as client:
+    with RewardClient(
+        brightness_server.target, parallel_calls=2, min_call_bytes=12_000, max_message_bytes=40_000
+    ) as client:
         client._score = recorder = RecordingCall(client._score)
         out = client.score([group])
     assert len(out[0].rewards) == 12
@@ -120,9 +121,10 @@ def test_split_group_straddling_an_update_is_scored_again(tiny_server):
     refs = [Group("ref", [smooth_image(rng) for _ in range(4)])]
     gens = [Group("gen", [noise_image(rng) for _ in range(4)])]
     group = Group("p", [noise_image(rng) for _ in range(6)], "straddler")  # 12 KiB per image
-    with RewardClient(tiny_server.target, timeout_s=60) as updater, RewardClient(
-        tiny_server.target, timeout_s=60, max_message_bytes=30_000, parallel_calls=1
-    ) as client:
+    with (
+        RewardClient(tiny_server.target, timeout_s=60) as updater,
+        RewardClient(tiny_server.target, timeout_s=60, max_message_bytes=30_000, parallel_calls=1) as client,
+    ):
         updater.wait_ready(60)
         before = updater.score([group], {"dino": 1.0})[0]
 

@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.client import Group, RewardClient
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .conftest import noise_image, smooth_image
 
@@ -38,10 +38,12 @@ class FakeService(reward_pb2_grpc.RewardServiceServicer):
                 self.released.wait(60)
                 return
             time.sleep(self.delay_s)
-            yield reward_pb2.ScoreResponse(groups=[
-                reward_pb2.GroupScores(group_id=g.group_id, rewards=[float(len(g.images))] * len(g.images))
-                for g in request.groups
-            ])
+            yield reward_pb2.ScoreResponse(
+                groups=[
+                    reward_pb2.GroupScores(group_id=g.group_id, rewards=[float(len(g.images))] * len(g.images))
+                    for g in request.groups
+                ]
+            )
         if self.hang:
             self.released.wait(60)
 
@@ -85,6 +87,7 @@ def run_bounded(fn, limit_s: float):
 
 
 # ---------------------------------------------------------------- score_stream deadline
+
 
 @pytest.mark.parametrize("shared_memory", [False, True])
 def test_score_stream_fails_with_deadline_exceeded_when_the_server_never_answers(fake_server, shared_memory):
@@ -131,6 +134,7 @@ def test_score_stream_may_outlast_timeout_s_while_the_server_keeps_answering(fak
 
 
 # ---------------------------------------------------------------- the caller's exceptions
+
 
 class DecoderFailed(Exception):
     pass
@@ -183,8 +187,10 @@ def test_score_splits_a_group_with_more_images_than_a_request_may_carry(brightne
 
 # ---------------------------------------------------------------- update larger than a message
 
-DINO = ("models:\n  dino: {kind: dino, weight: 1.0, params: {backbone: tiny, image_size: 56, "
-        "head_hidden: 64, num_patches: 8, lr: 0.03}}\n")
+DINO = (
+    "models:\n  dino: {kind: dino, weight: 1.0, params: {backbone: tiny, image_size: 56, "
+    "head_hidden: 64, num_patches: 8, lr: 0.03}}\n"
+)
 LIMIT = 60_000  # bytes; 8 raw 64x64 images are 98 KB
 
 
@@ -198,9 +204,10 @@ def test_update_too_big_for_a_message_goes_as_png_with_the_same_result(start_ser
     probe = [Group("probe", [smooth_image(rng) for _ in range(3)])]
     wide = start_server("--config", str(cfg), "--no-http")
     narrow = start_server("--config", str(cfg), "--no-http", "--max-message-bytes", str(LIMIT))
-    with RewardClient(wide.target, timeout_s=60) as raw, RewardClient(
-        narrow.target, timeout_s=60, max_message_bytes=LIMIT
-    ) as small:
+    with (
+        RewardClient(wide.target, timeout_s=60) as raw,
+        RewardClient(narrow.target, timeout_s=60, max_message_bytes=LIMIT) as small,
+    ):
         expected = raw.update_discriminator("dino", refs, gens, update_id="u1")
         got = small.update_discriminator("dino", refs, gens, update_id="u1")
         assert got == expected and got.version == 1

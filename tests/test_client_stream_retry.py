@@ -12,10 +12,10 @@ import grpc
 import numpy as np
 import pytest
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.client import Group, RetryPolicy, RewardClient
 from advgrpo.common.process import ServerProcess
 from advgrpo.common.protocol import STREAM_OPEN_KEY
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .test_client import free_port
 
@@ -46,10 +46,12 @@ class FlakyStreamService(reward_pb2_grpc.RewardServiceServicer):
             received.extend(g.group_id for g in request.groups)
             if k < len(self.answers) and answered >= self.answers[k]:
                 context.abort(self.codes[k], f"call {k} fails after {self.answers[k]} answers")
-            yield reward_pb2.ScoreResponse(groups=[
-                reward_pb2.GroupScores(group_id=g.group_id, rewards=[float(len(g.images))] * len(g.images))
-                for g in request.groups
-            ])
+            yield reward_pb2.ScoreResponse(
+                groups=[
+                    reward_pb2.GroupScores(group_id=g.group_id, rewards=[float(len(g.images))] * len(g.images))
+                    for g in request.groups
+                ]
+            )
         if k < len(self.answers):
             context.abort(self.codes[k], f"call {k} fails at its end")
 
@@ -203,8 +205,9 @@ def test_score_stream_outlives_a_killed_and_restarted_server(tmp_path):
             yield Group("p", [np.full((8, 8, 3), level, np.uint8)] * 2, f"g{i}")
             time.sleep(0.05)  # a sampler's pace: messages are in flight when the server dies
 
-    client = RewardClient(servers[0].target, timeout_s=30,
-                          retry=RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.5, max_elapsed_s=60))
+    client = RewardClient(
+        servers[0].target, timeout_s=30, retry=RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.5, max_elapsed_s=60)
+    )
     out = []
     try:
         # The server accepts a stream at once, before anything is sent on it.

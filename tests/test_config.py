@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from advgrpo.reward_server.config import PRESETS, load_config
 from advgrpo.common.errors import ConfigError
 from advgrpo.common.typed_config import apply_override, deep_merge, from_mapping
+from advgrpo.reward_server.config import PRESETS, load_config
 
 
 @dataclass

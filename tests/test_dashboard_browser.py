@@ -70,6 +70,7 @@ def run_browser(browser: str, profile: Path, url: str, *mode: str) -> subprocess
 
 # ---------------------------------------------------------------- a small DOM for the dump
 
+
 class Node:
     def __init__(self, tag: str, attrs: dict, parent: "Node | None"):
         self.tag, self.attrs, self.parent = tag, attrs, parent
@@ -88,7 +89,8 @@ class Node:
     def find_all(self, tag: str | None = None, **attrs: str) -> list["Node"]:
         want = {k.rstrip("_").replace("_", "-"): v for k, v in attrs.items()}
         return [
-            n for n in self.iter()
+            n
+            for n in self.iter()
             if (tag is None or n.tag == tag) and all(n.attrs.get(k) == v for k, v in want.items())
         ]
 
@@ -136,6 +138,7 @@ def parse_dom(html: str) -> Node:
 
 
 # ---------------------------------------------------------------- the test
+
 
 def test_dashboard_renders_live_state(tiny_server, tmp_path):
     browser = find_browser()
@@ -198,8 +201,11 @@ def test_dashboard_renders_live_state(tiny_server, tmp_path):
     assert activity.attrs["data-images"] == "3" and activity.attrs["data-requests"] == "1"
     mean = float(activity.find("td", data_field="mean").attrs["data-value"])
     assert mean == pytest.approx(float(np.mean(scored[0].components["dino"])), rel=1e-5, abs=1e-6)
-    kinds = [(r.attrs["data-kind"], r.attrs["data-model"]) for r in dom.find("table", id="events").find_all("tr")
-             if "data-kind" in r.attrs]
+    kinds = [
+        (r.attrs["data-kind"], r.attrs["data-model"])
+        for r in dom.find("table", id="events").find_all("tr")
+        if "data-kind" in r.attrs
+    ]
     assert ("update", "dino") in kinds and ("score", "dino") in kinds
 
     # A screenshot: the page paints something real (not blank, not one colour).

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from advgrpo.client import Group, RewardClient
-from advgrpo.reward_server.config import PRESETS, DinoParams, load_config
 from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.config import PRESETS, DinoParams, load_config
 from advgrpo.reward_server.feature_cache import FeatureCache
 from advgrpo.reward_server.models.base import content_digest, content_seed, digest_seeds
 from advgrpo.reward_server.models.dino import DinoDiscriminator
@@ -134,7 +134,9 @@ def test_content_digest_names_content():
     assert [content_seed(img, 7)] == digest_seeds([content_digest(img)], 7)
     assert content_seed(img, 7) != content_seed(img, 8) and 0 <= content_seed(img, 7) < 1 << 63
     assert len(set(digest_seeds([bytes([i]) * 16 for i in range(16)] * 4, 0))) == 16
-    assert len({s for salt in (-1, 0, 1, 2**40) for s in digest_seeds([bytes([i]) * 16 for i in range(16)], salt)}) == 64
+    assert (
+        len({s for salt in (-1, 0, 1, 2**40) for s in digest_seeds([bytes([i]) * 16 for i in range(16)], salt)}) == 64
+    )
 
 
 def test_config_field_is_validated():
@@ -184,7 +186,7 @@ def test_cache_changes_no_result(device):
         results = [m.update(batch_refs, blank(len(batch_refs)), gens, blank(len(gens)), steps=2) for m in models]
         for m in models:
             m.version += 1
-        for s, r in zip(scored[1:], results[1:]):
+        for s, r in zip(scored[1:], results[1:], strict=True):
             assert np.array_equal(s, scored[0])
             assert r == results[0]  # loss, scores and accuracy: exact floats
         for m in models[1:]:

@@ -53,6 +53,7 @@ def expect_error(response: httpx.Response, status: int, *fragments: str) -> str:
 
 # ---------------------------------------------------------------- probes & metrics
 
+
 def test_healthz(http):
     r = http.get("/healthz")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
@@ -73,13 +74,15 @@ def test_metrics_after_grpc_call(http, client):
     text = r.text
     assert "# TYPE advgrpo_rpc_requests_total counter" in text
     lines = [line for line in text.splitlines() if line.startswith("advgrpo_rpc_requests_total{")]
-    assert any('method="ListModels"' in line and 'code="OK"' in line and float(line.rsplit(" ", 1)[1]) >= 1
-               for line in lines), lines
+    assert any(
+        'method="ListModels"' in line and 'code="OK"' in line and float(line.rsplit(" ", 1)[1]) >= 1 for line in lines
+    ), lines
     assert 'advgrpo_model_version{model="dino"}' in text
     assert "advgrpo_ready 1.0" in text
 
 
 # ---------------------------------------------------------------- JSON gateway
+
 
 def test_models(http):
     r = http.get("/v1/models")
@@ -224,6 +227,7 @@ def test_dashboard_page_is_served(http):
 
 # ---------------------------------------------------------------- auth
 
+
 def test_auth_token_guards_the_gateway_only(start_server):
     server = start_server("--preset", "noop", env={"ADVGRPO_AUTH_TOKEN": "tok"})
     img = {"groups": [group_json([smooth_image(np.random.default_rng(6), 8)])]}
@@ -254,9 +258,12 @@ def test_auth_token_guards_the_gateway_only(start_server):
 
 # ---------------------------------------------------------------- stats helpers (no server)
 
+
 def test_stats_json_has_no_nan():
     assert _finite({"a": [1.0, float("nan"), {"b": float("inf")}], "c": "x", "d": 2}) == {
-        "a": [1.0, None, {"b": None}], "c": "x", "d": 2
+        "a": [1.0, None, {"b": None}],
+        "c": "x",
+        "d": 2,
     }
 
 
@@ -286,7 +293,12 @@ def test_bodies_over_the_limit_are_refused_before_they_are_read(start_server, tm
                 yield b" " * 1000
 
         expect_error(http.post("/v1/score", content=chunks()), 413, "exceeds the limit of 2048 bytes")
-        assert http.post("/v1/score", json={"groups": [group_json([smooth_image(np.random.default_rng(0), 8)])]}).status_code == 200
+        assert (
+            http.post(
+                "/v1/score", json={"groups": [group_json([smooth_image(np.random.default_rng(0), 8)])]}
+            ).status_code
+            == 200
+        )
 
         def ready_gauge() -> float:
             lines = [x for x in http.get("/metrics").text.splitlines() if x.startswith("advgrpo_ready ")]

@@ -32,7 +32,13 @@ import pytest
 import torch
 
 from advgrpo import kernels
-from advgrpo.kernels import backend_for, patch_hinge_loss, patch_hinge_loss_reference, patch_score, patch_score_reference
+from advgrpo.kernels import (
+    backend_for,
+    patch_hinge_loss,
+    patch_hinge_loss_reference,
+    patch_score,
+    patch_score_reference,
+)
 from advgrpo.kernels.patch_score import interpreter_active
 from advgrpo.reward_server.models.dino import (
     build_head,
@@ -81,12 +87,14 @@ def close(a, b, tol, what=""):
 def score_and_grads(fn, tokens, index, head, cls_weight, upstream):
     ws = weights(head)
     out = fn(tokens, index, *ws, cls_weight)
-    loss = sum((o * u).sum() for o, u in zip(out, upstream))
+    loss = sum((o * u).sum() for o, u in zip(out, upstream, strict=True))
     return [o.detach() for o in out], torch.autograd.grad(loss, ws)
 
 
 def hinge_targets(b: int, n_ref: int) -> torch.Tensor:
-    return torch.tensor([1.0] * n_ref + [-1.0] * (b - n_ref))[torch.randperm(b, generator=torch.Generator().manual_seed(b))]
+    return torch.tensor([1.0] * n_ref + [-1.0] * (b - n_ref))[
+        torch.randperm(b, generator=torch.Generator().manual_seed(b))
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +107,7 @@ def test_reference_matches_dino_head_scores(shape, cls_weight):
     tokens, index, head = make_case(*shape)
     cls, patch, reward = head_scores(tokens, index, head, cls_weight)
     ref = patch_score_reference(tokens, index, *weights(head), cls_weight)
-    for got, want in zip(ref, (cls, patch.mean(1), reward)):
+    for got, want in zip(ref, (cls, patch.mean(1), reward), strict=True):
         close(got, want, 1e-6)
 
 
@@ -229,7 +237,7 @@ def test_auto_uses_triton_with_flag(monkeypatch):
     assert backend_for(tokens) == "triton"
     out = patch_score(tokens, index, *weights(head))
     assert triton_calls and not torch_calls
-    for got, want in zip(out, patch_score_reference(tokens, index, *weights(head))):
+    for got, want in zip(out, patch_score_reference(tokens, index, *weights(head)), strict=True):
         close(got, want, 1e-5)
 
 
@@ -253,10 +261,10 @@ def test_patch_score_matches_reference(shape, dtype):
         lambda *a: patch_score(*a, backend=backend), tokens, index, head, 0.7, upstream
     )
     (out, grads), (ref_out, ref_grads) = run("triton"), run("torch")
-    for name, got, want in zip(("cls", "patch", "reward"), out, ref_out):
+    for name, got, want in zip(("cls", "patch", "reward"), out, ref_out, strict=True):
         assert got.dtype == torch.float32 and got.shape == (shape[0],)
         close(got, want, TOL[dtype], name)
-    for name, got, want in zip(("dW1", "db1", "dW2", "db2"), grads, ref_grads):
+    for name, got, want in zip(("dW1", "db1", "dW2", "db2"), grads, ref_grads, strict=True):
         assert got.shape == want.shape
         close(got, want, TOL[dtype], name)
 
@@ -266,9 +274,11 @@ def test_patch_score_matches_reference(shape, dtype):
 def test_patch_score_cls_weight(cls_weight):
     tokens, index, head = make_case(3, 37, 5, 24, 20)
     upstream = torch.randn(3, 3, generator=torch.Generator().manual_seed(2))
-    out, grads = score_and_grads(lambda *a: patch_score(*a, backend="triton"), tokens, index, head, cls_weight, upstream)
+    out, grads = score_and_grads(
+        lambda *a: patch_score(*a, backend="triton"), tokens, index, head, cls_weight, upstream
+    )
     ref_out, ref_grads = score_and_grads(patch_score_reference, tokens, index, head, cls_weight, upstream)
-    for got, want in zip((*out, *grads), (*ref_out, *ref_grads)):
+    for got, want in zip((*out, *grads), (*ref_out, *ref_grads), strict=True):
         close(got, want, 1e-5)
 
 
@@ -291,7 +301,7 @@ def test_non_contiguous_inputs():
     for tok, idx in [(t_transposed, index), (t_strided, i_transposed), (t_transposed, i_transposed)]:
         got = patch_score(tok, idx, *ws, backend="triton")
         grads = torch.autograd.grad(sum(o.sum() for o in got), ws)
-        for g, w in zip((*got, *grads), (*want, *want_grads)):
+        for g, w in zip((*got, *grads), (*want, *want_grads), strict=True):
             close(g, w, 1e-5)
 
 
@@ -306,7 +316,7 @@ def test_gpu_style_tiling_many_blocks(monkeypatch):
     run = lambda: score_and_grads(lambda *a: patch_score(*a, backend="triton"), tokens, index, head, 0.7, upstream)  # noqa: E731
     (out, grads), (out2, grads2) = run(), run()
     ref_out, ref_grads = score_and_grads(patch_score_reference, tokens, index, head, 0.7, upstream)
-    for got, again, want in zip((*out, *grads), (*out2, *grads2), (*ref_out, *ref_grads)):
+    for got, again, want in zip((*out, *grads), (*out2, *grads2), (*ref_out, *ref_grads), strict=True):
         close(got, want, 1e-5)
         assert torch.equal(got, again)
     target = hinge_targets(5, 2)
@@ -315,7 +325,7 @@ def test_gpu_style_tiling_many_blocks(monkeypatch):
         head[2].weight.mul_(30.0)  # some hinge terms inactive
     loss = patch_hinge_loss(tokens, index, target, *ws, backend="triton")
     want = patch_hinge_loss_reference(tokens, index, target, *ws)
-    for got, w in zip((loss, *torch.autograd.grad(loss, ws)), (want, *torch.autograd.grad(want, ws))):
+    for got, w in zip((loss, *torch.autograd.grad(loss, ws)), (want, *torch.autograd.grad(want, ws)), strict=True):
         close(got, w, 1e-5)
 
 
@@ -336,8 +346,14 @@ def test_tokens_requiring_grad_are_refused():
 @triton_case
 @pytest.mark.parametrize(
     "b,n_ref,plw,dtype",
-    [(2, 1, 0.3, torch.float32), (5, 2, 0.3, torch.float32), (7, 5, 1.5, torch.float32), (6, 3, 0.0, torch.float32),
-     (5, 3, 0.3, torch.bfloat16), (5, 2, 0.3, torch.float16)],
+    [
+        (2, 1, 0.3, torch.float32),
+        (5, 2, 0.3, torch.float32),
+        (7, 5, 1.5, torch.float32),
+        (6, 3, 0.0, torch.float32),
+        (5, 3, 0.3, torch.bfloat16),
+        (5, 2, 0.3, torch.float16),
+    ],
 )
 def test_hinge_loss_matches(b, n_ref, plw, dtype):
     tokens, index, head = make_case(b, 23, 7, 20, 36, dtype=dtype, seed=b)
@@ -357,7 +373,7 @@ def test_hinge_loss_matches(b, n_ref, plw, dtype):
     assert loss.shape == () and loss.dtype == torch.float32
     close(loss, want, TOL[dtype], "loss")
     close(loss, dino, TOL[dtype], "loss vs dino")
-    for name, got, w, dn in zip(("dW1", "db1", "dW2", "db2"), grads, want_grads, dino_grads):
+    for name, got, w, dn in zip(("dW1", "db1", "dW2", "db2"), grads, want_grads, dino_grads, strict=True):
         close(got, w, TOL[dtype], name)
         close(got, dn, TOL[dtype], name + " vs dino")
 
@@ -385,20 +401,21 @@ def test_adam_training_matches_reference():
         ref_index = sample_patch_index([mix_seed(i, 0, step) for i in range(n_ref)], n, k)
         gen_index = sample_patch_index([mix_seed(100 + i, 0, step) for i in range(n_gen)], n, k)
         # Kernel path: one fused call over references and generations.
-        loss = patch_hinge_loss(tokens, torch.cat([ref_index, gen_index]), target, *weights(heads[0]),
-                                0.3, backend="triton")
+        loss = patch_hinge_loss(
+            tokens, torch.cat([ref_index, gen_index]), target, *weights(heads[0]), 0.3, backend="triton"
+        )
         # Reference path: exactly DinoDiscriminator.update's step.
         rc, rp, _ = head_scores(ref_tokens, ref_index, heads[1], 0.7)
         gc, gp, _ = head_scores(gen_tokens, gen_index, heads[1], 0.7)
         ref_loss = discriminator_loss(rc, rp, gc, gp, 0.3)
-        for i, (opt, ls) in enumerate(zip(opts, (loss, ref_loss))):
+        for i, (opt, ls) in enumerate(zip(opts, (loss, ref_loss), strict=True)):
             opt.zero_grad(set_to_none=True)
             ls.backward()
             opt.step()
             losses[i].append(float(ls.detach()))
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
     assert losses[0][-1] < losses[0][0]  # it trained
-    for p_kernel, p_ref in zip(heads[0].parameters(), heads[1].parameters()):
+    for p_kernel, p_ref in zip(heads[0].parameters(), heads[1].parameters(), strict=True):
         torch.testing.assert_close(p_kernel, p_ref, rtol=1e-5, atol=2e-6)
 
 

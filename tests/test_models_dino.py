@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advgrpo.reward_server.config import DinoParams, ModelConfig
 from advgrpo.common.errors import InvalidArgument
+from advgrpo.reward_server.config import DinoParams, ModelConfig
 from advgrpo.reward_server.models import build_model
 from advgrpo.reward_server.models.base import content_seed
 from advgrpo.reward_server.models.dino import (
@@ -124,7 +124,7 @@ def test_head_init_is_seeded_and_leaves_global_rng_alone():
     before = torch.random.get_rng_state()
     a, b, c = build_head(32, 64, seed=7), build_head(32, 64, seed=7), build_head(32, 64, seed=8)
     assert torch.equal(torch.random.get_rng_state(), before)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a[0].weight, c[0].weight)
 
 

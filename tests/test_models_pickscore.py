@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from advgrpo.reward_server.config import ModelConfig, PickScoreParams
 from advgrpo.common.errors import ConfigError, FailedPrecondition, InvalidArgument
+from advgrpo.reward_server.config import ModelConfig, PickScoreParams
 from advgrpo.reward_server.models import build_model
 from advgrpo.reward_server.models.pickscore import (
     PickScoreModel,
@@ -100,7 +100,7 @@ def test_scores_are_deterministic_and_batch_independent():
     first = model.score(imgs, texts)
     assert first.shape == (6,) and first.dtype == np.float32
     assert np.array_equal(model.score(imgs, texts), first)
-    alone = np.array([model.score([i], [t])[0] for i, t in zip(imgs, texts)])
+    alone = np.array([model.score([i], [t])[0] for i, t in zip(imgs, texts, strict=True)])
     np.testing.assert_allclose(alone, first, rtol=0, atol=1e-6)
     np.testing.assert_allclose(model.score(imgs[::-1], texts[::-1])[::-1], first, rtol=0, atol=1e-6)
     # A separately built model with the same seed is bit-identical; another seed is not.

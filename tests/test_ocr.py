@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from advgrpo.reward_server.config import ModelConfig, OcrParams
 from advgrpo.common.errors import ConfigError, InvalidArgument
+from advgrpo.reward_server.config import ModelConfig, OcrParams
 from advgrpo.reward_server.models import build_model
 from advgrpo.reward_server.models.ocr import (
     MAX_ASPECT,
@@ -62,9 +62,7 @@ def test_ocr_target_first_quoted_span(prompt, target):
     assert ocr_target(prompt) == target
 
 
-@pytest.mark.parametrize(
-    "prompt", ["a cat on a mat", 'an empty "" quote', 'blank "   " quote', 'unclosed "quote']
-)
+@pytest.mark.parametrize("prompt", ["a cat on a mat", 'an empty "" quote', 'blank "   " quote', 'unclosed "quote'])
 def test_ocr_target_none(prompt):
     assert ocr_target(prompt) is None
 

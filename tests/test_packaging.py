@@ -52,7 +52,10 @@ def test_reward_server_dockerfile_copies_existing_paths_and_runs_a_valid_command
     # The exact arguments the container runs, parsed by our CLI.
     out = subprocess.run(
         [sys.executable, "-m", "advgrpo.reward_server", *entry[1:], *cmd, "--print-config"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
@@ -83,9 +86,13 @@ def test_the_docker_images_files_build_a_server_that_starts(tmp_path):
     starts on the tiny preset, with every model, in an environment that has only that wheel
     and the dependencies."""
     src = tmp_path / "src"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z", "--", *_dockerfile_copy_sources()], cwd=REPO, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    tracked = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--", *_dockerfile_copy_sources()], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, tracked):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, src / rel)
@@ -102,7 +109,11 @@ def test_the_docker_images_files_build_a_server_that_starts(tmp_path):
     for wheel in wheels.glob("advgrpo_*.whl"):
         with zipfile.ZipFile(wheel) as z:
             names |= set(z.namelist())
-    assert {"advgrpo/reward/v1/reward_pb2.py", "advgrpo/reward/v1/reward_pb2_grpc.py", "advgrpo/kernels/__init__.py"} <= names
+    assert {
+        "advgrpo/reward/v1/reward_pb2.py",
+        "advgrpo/reward/v1/reward_pb2_grpc.py",
+        "advgrpo/kernels/__init__.py",
+    } <= names
     assert not any(n.startswith("advgrpo/__init__") for n in names), "advgrpo/ is a namespace package"
 
     # A bare environment: the wheel unpacked in its site-packages, the dependencies reached through a
@@ -166,7 +177,10 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path):
     bad.write_text("models:\n  dino:\n    kind: dino\n    params: {lr: fast}\n")
     out = subprocess.run(
         [sys.executable, "-m", "advgrpo.reward_server", "--config", str(bad), "--print-config"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert out.returncode == 2
     assert "models.dino.params.lr" in out.stderr and "Traceback" not in out.stderr
@@ -174,7 +188,10 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path):
     unknown.write_text("server:\n  prot: 1\n")
     out = subprocess.run(
         [sys.executable, "-m", "advgrpo.reward_server", "--config", str(unknown), "--print-config"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     assert out.returncode == 2 and "server.prot: unknown key" in out.stderr
 
@@ -188,10 +205,25 @@ def test_accelerate_configs_parse_and_the_cpu_one_launches_the_trainer(tmp_path)
     assert kinds["multi_node_zero2"].num_machines == 2
     # The real launcher, with the CPU config, starts our entry point (it only prints the config).
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-         str(REPO / "trainer/accelerate/single_cpu.yaml"), "-m", "advgrpo.trainer.train", "--preset", "tiny",
-         "--set", "adversarial.discriminator=", "--set", "data.prompts=prompts.txt", "--print-config"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "trainer/accelerate/single_cpu.yaml"),
+            "-m",
+            "advgrpo.trainer.train",
+            "--preset",
+            "tiny",
+            "--set",
+            "adversarial.discriminator=",
+            "--set",
+            "data.prompts=prompts.txt",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["model"]["pretrained"] == "tiny"

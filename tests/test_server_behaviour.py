@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.common.process import ServerProcess
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .conftest import noise_image, smooth_image
 
@@ -71,7 +71,7 @@ def score_request(images, weights: dict[str, float], prompt: str = "a cat") -> r
 def metric(text: str, name: str, model: str) -> float:
     """One sample of /metrics; 0 for a labelled series not observed yet (it is not listed then)."""
     prefix = f'{name}{{model="{model}"}} '
-    values = [float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)]
+    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
     assert len(values) <= 1, values
     return values[0] if values else 0.0
 
@@ -110,7 +110,7 @@ def test_update_with_zero_steps_is_one_step(tmp_path):
         (b0, u0, a0, v0), (b1, u1, a1, v1) = answers["zero"], answers["one"]
         assert [u.version for u in u0] == [u.version for u in u1] == [1, 2]
         assert v0 == v1 == 2
-        for x, y in zip(u0, u1):
+        for x, y in zip(u0, u1, strict=True):
             assert not x.replayed and np.isfinite(x.loss)
             fields = (x.loss, x.reference_score, x.generated_score, x.accuracy)
             assert fields == pytest.approx((y.loss, y.reference_score, y.generated_score, y.accuracy), rel=1e-5)

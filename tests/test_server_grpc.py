@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import concurrent.futures
+import io
 
 import grpc
 import numpy as np
@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image as PILImage
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.client import Group, RewardClient
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .conftest import noise_image, smooth_image
 
@@ -29,9 +29,7 @@ def client(tiny_server):
 
 @pytest.fixture(scope="module")
 def stub(tiny_server):
-    channel = grpc.insecure_channel(
-        tiny_server.target, options=[("grpc.max_send_message_length", 128 << 20)]
-    )
+    channel = grpc.insecure_channel(tiny_server.target, options=[("grpc.max_send_message_length", 128 << 20)])
     yield reward_pb2_grpc.RewardServiceStub(channel)
     channel.close()
 
@@ -58,6 +56,7 @@ def expect_status(call, request, code: grpc.StatusCode, *fragments: str) -> str:
 
 
 # ---------------------------------------------------------------- round trips
+
 
 def test_list_models(client):
     models = {m.name: m for m in client.list_models()}
@@ -155,6 +154,7 @@ def test_update_retry_with_same_id_is_not_applied_twice(client):
 
 # ---------------------------------------------------------------- health & reflection
 
+
 def test_health_serving_for_server_and_service(tiny_server):
     with grpc.insecure_channel(tiny_server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -177,15 +177,23 @@ def test_reflection_lists_and_describes_the_service(tiny_server):
         pool = DescriptorPool(db)
         svc = pool.FindServiceByName(SERVICE)
         assert {m.name for m in svc.methods} == {
-            "Score", "ScoreStream", "UpdateDiscriminator", "ListModels", "CheckSharedMemory"
+            "Score",
+            "ScoreStream",
+            "UpdateDiscriminator",
+            "ListModels",
+            "CheckSharedMemory",
         }
         enum = pool.FindEnumTypeByName("advgrpo.reward.v1.Encoding")
         assert [v.name for v in enum.values] == [
-            "ENCODING_UNSPECIFIED", "ENCODING_RAW_RGB8", "ENCODING_PNG", "ENCODING_JPEG"
+            "ENCODING_UNSPECIFIED",
+            "ENCODING_RAW_RGB8",
+            "ENCODING_PNG",
+            "ENCODING_JPEG",
         ]
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_bad_inputs_get_clear_statuses_and_the_server_keeps_serving(stub, client):
     IA = grpc.StatusCode.INVALID_ARGUMENT
@@ -216,23 +224,32 @@ def test_bad_inputs_get_clear_statuses_and_the_server_keeps_serving(stub, client
     expect_status(stub.UpdateDiscriminator, upd(model="dino", generated=good_group), IA, "references")
     expect_status(stub.UpdateDiscriminator, upd(model="dino", references=good_group), IA, "generated")
     expect_status(
-        stub.UpdateDiscriminator, upd(model="nope", references=good_group, generated=good_group),
-        grpc.StatusCode.NOT_FOUND, "nope",
+        stub.UpdateDiscriminator,
+        upd(model="nope", references=good_group, generated=good_group),
+        grpc.StatusCode.NOT_FOUND,
+        "nope",
     )
     expect_status(
-        stub.UpdateDiscriminator, upd(model="ocr", references=good_group, generated=good_group),
-        grpc.StatusCode.FAILED_PRECONDITION, "not trainable",
+        stub.UpdateDiscriminator,
+        upd(model="ocr", references=good_group, generated=good_group),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "not trainable",
     )
     expect_status(
-        stub.UpdateDiscriminator, upd(model="dino", references=good_group, generated=good_group, steps=10**6),
-        IA, "steps",
+        stub.UpdateDiscriminator,
+        upd(model="dino", references=good_group, generated=good_group, steps=10**6),
+        IA,
+        "steps",
     )
     # Over the image-count limit of one request (1024 in the tiny preset).
     many = score_request(*[raw(1, 1)] * 1100, weights={"dino": 1.0})
     expect_status(stub.Score, many, grpc.StatusCode.RESOURCE_EXHAUSTED, "1100")
     # A failed update leaves the version alone; a stream with one bad message names it.
     versions = {m.name: m.version for m in client.list_models()}
-    bad_stream = [score_request(raw(2, 2), weights={"dino": 1.0}), score_request(raw(2, 2, b"x"), weights={"dino": 1.0})]
+    bad_stream = [
+        score_request(raw(2, 2), weights={"dino": 1.0}),
+        score_request(raw(2, 2, b"x"), weights={"dino": 1.0}),
+    ]
     with pytest.raises(grpc.RpcError) as info:
         list(stub.ScoreStream(iter(bad_stream), timeout=60))
     assert info.value.code() == IA and "stream message 1" in info.value.details()

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from advgrpo.client import Group, RewardClient
+from advgrpo.common import shared_memory as shm_module
+from advgrpo.common.errors import ConfigError, InvalidArgument
+from advgrpo.common.shared_memory import SHM_DIR, SharedMemoryReader
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.reward_server import convert
-from advgrpo.common import shared_memory as shm_module
-from advgrpo.client import Group, RewardClient
 from advgrpo.reward_server.config import ServerSettings, load_config
-from advgrpo.common.errors import ConfigError, InvalidArgument
 from advgrpo.reward_server.host import ModelHost
-from advgrpo.common.shared_memory import SHM_DIR, SharedMemoryReader
 
 from .conftest import noise_image, smooth_image
 
@@ -54,7 +54,9 @@ def segment_path():
 
 def shm_image(name: str, h: int, w: int, offset: int = 0, size: int | None = None, encoding=None):
     return reward_pb2.Image(
-        encoding=encoding or reward_pb2.ENCODING_RAW_RGB8, height=h, width=w,
+        encoding=encoding or reward_pb2.ENCODING_RAW_RGB8,
+        height=h,
+        width=w,
         shared_memory=reward_pb2.SharedMemorySlice(name=name, offset=offset, size=h * w * 3 if size is None else size),
     )
 
@@ -231,8 +233,14 @@ def test_a_training_sized_update_passes(tiny_server):
 def test_extreme_aspect_ratios_are_invalid_argument(tiny_server, stub):
     """1x4096 made CLIP's processor resize to 224x917504 (12 s, 2.4 GB) and OCR fail (INTERNAL)."""
     weights = {"ocr": 1.0}
-    refused(stub.Score, score_request(raw(8, 8), raw(1, SIDE), weights=weights), IA,
-            "groups[0].images[1]", f"1x{SIDE}", "server.max_aspect_ratio")
+    refused(
+        stub.Score,
+        score_request(raw(8, 8), raw(1, SIDE), weights=weights),
+        IA,
+        "groups[0].images[1]",
+        f"1x{SIDE}",
+        "server.max_aspect_ratio",
+    )
     buf = io.BytesIO()
     PILImage.new("RGB", (2, 1000)).save(buf, format="PNG")  # 1000 tall, 2 wide
     tall = reward_pb2.Image(encoding=reward_pb2.ENCODING_PNG, data=buf.getvalue())

@@ -14,11 +14,11 @@ import httpx
 import numpy as np
 import pytest
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.client import Group, RetryPolicy, RewardClient
-from advgrpo.reward_server.config import load_config
 from advgrpo.common.errors import ConfigError, ResourceExhausted
 from advgrpo.common.protocol import RETRY_AFTER_KEY
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
+from advgrpo.reward_server.config import load_config
 from advgrpo.reward_server.host import DecodedBytesBudget, DecodedBytesTicket
 
 from .test_http import group_json
@@ -35,8 +35,9 @@ models:
 
 
 def image_msg(value: int = 0) -> reward_pb2.Image:
-    return reward_pb2.Image(encoding=reward_pb2.ENCODING_RAW_RGB8, height=SIDE, width=SIDE,
-                            data=bytes([value]) * PER_IMAGE)
+    return reward_pb2.Image(
+        encoding=reward_pb2.ENCODING_RAW_RGB8, height=SIDE, width=SIDE, data=bytes([value]) * PER_IMAGE
+    )
 
 
 def request(n: int) -> reward_pb2.ScoreRequest:
@@ -54,7 +55,9 @@ def metric(server, name: str) -> float:
 
 def refused(server) -> float:
     text = httpx.get(f"{server.http}/metrics", timeout=10).text
-    found = re.findall(r'advgrpo_rpc_requests_total\{code="RESOURCE_EXHAUSTED",method="[^"]*Score(?:Stream)?"\} (\S+)', text)
+    found = re.findall(
+        r'advgrpo_rpc_requests_total\{code="RESOURCE_EXHAUSTED",method="[^"]*Score(?:Stream)?"\} (\S+)', text
+    )
     return sum(float(v) for v in found)
 
 
@@ -98,7 +101,9 @@ def test_budget_and_tickets():
 
 def test_the_server_wide_budget_is_at_least_one_request():
     with pytest.raises(ConfigError, match="server.max_inflight_decoded_bytes: must be >= server.max_request"):
-        load_config("noop", overrides={"server": {"max_request_decoded_bytes": 1000, "max_inflight_decoded_bytes": 999}})
+        load_config(
+            "noop", overrides={"server": {"max_request_decoded_bytes": 1000, "max_inflight_decoded_bytes": 999}}
+        )
 
 
 @pytest.mark.slow

@@ -27,9 +27,7 @@ def test_discriminator_learns_references_from_generations(start_server):
     with RewardClient(server.target) as client:
         before = client.score([Group("a", test_refs, "refs"), Group("a", test_gens, "gens")], {"dino": 1.0})
         for _ in range(8):
-            result = client.update_discriminator(
-                "dino", [Group("a", train_refs)], [Group("a", train_gens)], steps=5
-            )
+            result = client.update_discriminator("dino", [Group("a", train_refs)], [Group("a", train_gens)], steps=5)
         assert result.version == 8
         assert result.reference_score > result.generated_score
         held_out = client.score([Group("a", test_refs, "refs"), Group("a", test_gens, "gens")], {"dino": 1.0})
@@ -118,9 +116,23 @@ def test_state_of_another_model_is_refused_with_a_clear_error(start_server, tmp_
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "advgrpo.reward_server", "--preset", "tiny", "--config", str(cfg), "--no-http",
-         "--port", "0", "--state-dir", str(state)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "advgrpo.reward_server",
+            "--preset",
+            "tiny",
+            "--config",
+            str(cfg),
+            "--no-http",
+            "--port",
+            "0",
+            "--state-dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2
     assert "dino.safetensors" in out.stderr and "Traceback" not in out.stderr

@@ -13,12 +13,12 @@ import grpc
 import numpy as np
 import pytest
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.client import Group, RewardClient
 from advgrpo.common import shared_memory as shm_module
 from advgrpo.common.errors import InvalidArgument
 from advgrpo.common.process import ServerProcess
 from advgrpo.common.shared_memory import SHM_DIR, SharedMemoryArena, SharedMemoryReader, check_readable
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .conftest import noise_image, smooth_image
 
@@ -101,7 +101,10 @@ def test_bad_references_get_clear_statuses(tiny_server):
 
         def request(name: str, offset: int = 0, size: int = 48, data: bytes = b""):
             image = reward_pb2.Image(
-                encoding=reward_pb2.ENCODING_RAW_RGB8, height=4, width=4, data=data,
+                encoding=reward_pb2.ENCODING_RAW_RGB8,
+                height=4,
+                width=4,
+                data=data,
                 shared_memory=reward_pb2.SharedMemorySlice(name=name, offset=offset, size=size),
             )
             return reward_pb2.ScoreRequest(
@@ -282,7 +285,9 @@ def test_auto_falls_back_to_the_socket_where_the_server_cannot_read(server_witho
             streamed = list(auto.score_stream(iter(groups(0, 2, 2))))
         assert not auto.uses_shared_memory()
         assert [g.rewards for g in got] == [g.rewards for g in streamed] == [[0.0, 0.0], [0.0, 0.0]]
-        warnings = [r.getMessage() for r in caplog.records if "cannot read this client's shared memory" in r.getMessage()]
+        warnings = [
+            r.getMessage() for r in caplog.records if "cannot read this client's shared memory" in r.getMessage()
+        ]
         assert len(warnings) == 1 and "server.shared_memory: false" in warnings[0]  # asked once
         assert our_segments() == before  # the probe's segment is gone
 

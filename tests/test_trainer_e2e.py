@@ -41,7 +41,9 @@ def test_tiny_preset_trains_lora_and_discriminator(start_server, references, tmp
     trainer = AdvGrpoTrainer(cfg)
     before = [p.detach().clone() for p in trainer.lora_params]
     trainer.run()
-    unchanged = [n for n, a, b in zip(trainer.lora_names, before, trainer.lora_params, strict=True) if torch.equal(a, b)]
+    unchanged = [
+        n for n, a, b in zip(trainer.lora_names, before, trainer.lora_params, strict=True) if torch.equal(a, b)
+    ]
     # Every LoRA tensor moved but the last block's context-query B: that block is context_pre_only,
     # its context outputs are discarded, so no gradient reaches it (and B = 0 stays 0 under decay).
     assert all("transformer_blocks.1.attn.add_q_proj.lora_B" in n for n in unchanged), unchanged
@@ -52,8 +54,19 @@ def test_tiny_preset_trains_lora_and_discriminator(start_server, references, tmp
     assert "train_loss" in records[1] and "train_loss" in records[3] and "train_loss" not in records[0]
     # Rewards of later epochs were produced by the updated discriminator.
     assert records[3]["reward_versions"]["dino"] == 2
-    for key in ("reward_dino_mean", "reward_dino_std", "reference_mean", "generated_mean", "d_loss", "d_accuracy",
-                "train_clip_frac", "train_approx_kl", "time_sample_s", "time_reward_s", "time_train_s"):
+    for key in (
+        "reward_dino_mean",
+        "reward_dino_std",
+        "reference_mean",
+        "generated_mean",
+        "d_loss",
+        "d_accuracy",
+        "train_clip_frac",
+        "train_approx_kl",
+        "time_sample_s",
+        "time_reward_s",
+        "time_train_s",
+    ):
         assert any(key in r for r in records.values()), key
     # Every group's rewards are logged with the versions that produced them.
     logged = [json.loads(line) for line in (tmp_path / "run" / "rewards-rank0.jsonl").read_text().splitlines()]
@@ -78,8 +91,15 @@ def test_resume_gives_the_same_next_epochs_as_an_unbroken_run(start_server, refe
 
     a, b = epoch_records(tmp_path / "a"), epoch_records(tmp_path / "b")
     for epoch in (2, 3):
-        for key in ("reward_mean", "generated_mean", "reference_mean", "d_loss", "train_loss", "train_grad_norm",
-                    "train_approx_kl"):
+        for key in (
+            "reward_mean",
+            "generated_mean",
+            "reference_mean",
+            "d_loss",
+            "train_loss",
+            "train_grad_norm",
+            "train_approx_kl",
+        ):
             if key in a[epoch]:
                 assert b[epoch][key] == pytest.approx(a[epoch][key], rel=1e-5, abs=1e-7), (epoch, key)
     assert a[3]["train_loss"] != 0.0 and a[3]["train_approx_kl"] > 0.0
@@ -90,8 +110,17 @@ def test_generate_reproduces_the_trainers_eval_images(start_server, references, 
     run = tmp_path / "run"
     AdvGrpoTrainer(tiny_config(server, references, run, epochs=2)).run()
     out = tmp_path / "gen"
-    cmd = [sys.executable, "-m", "advgrpo.trainer.generate", "--lora", str(run / "checkpoints" / "epoch-000002"),
-           "--n", "1", "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "advgrpo.trainer.generate",
+        "--lora",
+        str(run / "checkpoints" / "epoch-000002"),
+        "--n",
+        "1",
+        "--output",
+        str(out),
+    ]
     for p in PROMPTS:
         cmd += ["--prompt", p]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -111,10 +140,19 @@ def test_grpo_raises_a_brightness_reward(start_server, tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     cfg = load_train_config(
         "tiny",
-        sets=["adversarial.discriminator=", f"data.prompts={prompts}", "reward.weights={brightness: 1.0}",
-              "optim.lr=3e-2", "sampling.batch_size=64", "sampling.group_size=16", "optim.train_batch_size=64"],
-        overrides={"reward": {"server": server.target}, "run": {"output_dir": str(tmp_path / "run"), "epochs": 20,
-                                                                 "seed": 7}},
+        sets=[
+            "adversarial.discriminator=",
+            f"data.prompts={prompts}",
+            "reward.weights={brightness: 1.0}",
+            "optim.lr=3e-2",
+            "sampling.batch_size=64",
+            "sampling.group_size=16",
+            "optim.train_batch_size=64",
+        ],
+        overrides={
+            "reward": {"server": server.target},
+            "run": {"output_dir": str(tmp_path / "run"), "epochs": 20, "seed": 7},
+        },
     )
     AdvGrpoTrainer(cfg).run()
     records = epoch_records(tmp_path / "run")
@@ -142,8 +180,18 @@ def free_port() -> int:
     ],
 )
 def test_bad_config_fails_fast_naming_the_key(references, tmp_path, args, message):
-    cmd = [sys.executable, "-m", "advgrpo.trainer.train", "--preset", "tiny", "--set", f"adversarial.references={references}",
-           "--output-dir", str(tmp_path / "run"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "advgrpo.trainer.train",
+        "--preset",
+        "tiny",
+        "--set",
+        f"adversarial.references={references}",
+        "--output-dir",
+        str(tmp_path / "run"),
+        *args,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -151,17 +199,36 @@ def test_bad_config_fails_fast_naming_the_key(references, tmp_path, args, messag
 
 def test_unreachable_server_and_bad_references_fail_fast(tmp_path, references):
     address = f"127.0.0.1:{free_port()}"
-    base = [sys.executable, "-m", "advgrpo.trainer.train", "--preset", "tiny", "--output-dir", str(tmp_path / "run"),
-            "--set", "reward.connect_timeout_s=1"]
-    result = subprocess.run([*base, "--server", address, "--set", f"adversarial.references={references}"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    base = [
+        sys.executable,
+        "-m",
+        "advgrpo.trainer.train",
+        "--preset",
+        "tiny",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "reward.connect_timeout_s=1",
+    ]
+    result = subprocess.run(
+        [*base, "--server", address, "--set", f"adversarial.references={references}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 2 and address in result.stderr and "unreachable" in result.stderr
     assert "Traceback" not in result.stderr
     bad = tmp_path / "bad.json"
     (tmp_path / "broken.png").write_bytes(b"not a png")
     bad.write_text('{"a cat": ["missing.png", "broken.png"], "a dog": []}')
-    result = subprocess.run([*base, "--server", address, "--set", f"adversarial.references={bad}"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [*base, "--server", address, "--set", f"adversarial.references={bad}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for fragment in ("missing.png", "broken.png", "'a dog': no images", "3 problem(s)"):
         assert fragment in result.stderr, result.stderr

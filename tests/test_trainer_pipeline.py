@@ -104,7 +104,9 @@ def test_tiny_pipeline_samples_end_to_end():
     assert out.images.shape == (2, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
     assert out.images.min() >= 0 and out.images.max() <= 1
     # Other sizes work too (the position grid goes up to 64x64 latents).
-    out = pipeline(prompt="a cat", num_inference_steps=2, height=64, width=48, max_sequence_length=SEQ, output_type="np")
+    out = pipeline(
+        prompt="a cat", num_inference_steps=2, height=64, width=48, max_sequence_length=SEQ, output_type="np"
+    )
     assert out.images.shape == (1, 64, 48, 3)
 
 
@@ -198,8 +200,13 @@ def test_saved_lora_loads_with_diffusers_into_a_fresh_pipeline(tmp_path):
     torch.testing.assert_close(transformer_out(again), trained, rtol=0, atol=1e-6)
 
     def sample(p):
-        return p(prompt="a cat", num_inference_steps=2, max_sequence_length=SEQ, output_type="np",
-                 generator=torch.Generator().manual_seed(3)).images
+        return p(
+            prompt="a cat",
+            num_inference_steps=2,
+            max_sequence_length=SEQ,
+            output_type="np",
+            generator=torch.Generator().manual_seed(3),
+        ).images
 
     assert abs(sample(pipeline) - sample(fresh)).max() < 1e-5
 
@@ -230,8 +237,13 @@ def test_decode_latents_matches_the_pipelines_own_decoding():
     pipeline = tiny()
 
     def sample(output_type):
-        return pipeline(prompt=["a cat", "a dog"], num_inference_steps=2, max_sequence_length=SEQ,
-                        output_type=output_type, generator=torch.Generator().manual_seed(0)).images
+        return pipeline(
+            prompt=["a cat", "a dog"],
+            num_inference_steps=2,
+            max_sequence_length=SEQ,
+            output_type=output_type,
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     latents = sample("latent")
     assert latents.shape == (2, 16, 8, 8)

@@ -19,9 +19,18 @@ def setup(n: int = 3):
 
 def sample(pipe, cond, window, step="sde", seed=0):
     return sample_with_logprobs(
-        pipe.transformer, pipe.scheduler, cond, num_steps=4, guidance_scale=4.5, step=step,
-        noise_level=0.7 if step == "sde" else 0.8, window=window, latent_shape=(16, 8, 8),
-        generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"), dtype=torch.float32,
+        pipe.transformer,
+        pipe.scheduler,
+        cond,
+        num_steps=4,
+        guidance_scale=4.5,
+        step=step,
+        noise_level=0.7 if step == "sde" else 0.8,
+        window=window,
+        latent_shape=(16, 8, 8),
+        generator=torch.Generator().manual_seed(seed),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
     )
 
 
@@ -37,9 +46,18 @@ def test_only_window_steps_are_stored_and_their_log_probs_recompute_exactly():
         assert torch.equal(traj.next_latents[:, 0], traj.latents[:, 1])
         for j in range(2):
             out = step_log_prob(
-                pipe.transformer, traj.latents[:, j], traj.next_latents[:, j], traj.timesteps[j], traj.sigmas[j],
-                traj.sigmas_next[j], cond, guidance_scale=4.5, step=step, noise_level=0.7 if step == "sde" else 0.8,
-                sigma_max=traj.sigma_max, dtype=torch.float32,
+                pipe.transformer,
+                traj.latents[:, j],
+                traj.next_latents[:, j],
+                traj.timesteps[j],
+                traj.sigmas[j],
+                traj.sigmas_next[j],
+                cond,
+                guidance_scale=4.5,
+                step=step,
+                noise_level=0.7 if step == "sde" else 0.8,
+                sigma_max=traj.sigma_max,
+                dtype=torch.float32,
             )
             torch.testing.assert_close(out.log_prob, traj.log_probs[:, j], rtol=1e-5, atol=1e-5)
 

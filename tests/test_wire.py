@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
-from advgrpo.reward.v1 import reward_pb2
-from advgrpo.reward_server import wire
 from advgrpo.common.errors import InvalidArgument
 from advgrpo.common.images import decode_image
+from advgrpo.reward.v1 import reward_pb2
+from advgrpo.reward_server import wire
 
 ScoreRequest, UpdateRequest = reward_pb2.ScoreRequest, reward_pb2.UpdateDiscriminatorRequest
 
@@ -68,7 +68,10 @@ def random_requests(seed: int, count: int):
         if i % 2:
             yield ScoreRequest(
                 groups=random_groups(rng, rng.randint(0, 3)),
-                weights={k: rng.choice([0.0, 1.0, -2.5, 1e-30, float("inf")]) for k in rng.sample(["dino", "ocr", "pickscore", "ü"], rng.randint(0, 3))},
+                weights={
+                    k: rng.choice([0.0, 1.0, -2.5, 1e-30, float("inf")])
+                    for k in rng.sample(["dino", "ocr", "pickscore", "ü"], rng.randint(0, 3))
+                },
             )
         else:
             yield UpdateRequest(
@@ -92,7 +95,11 @@ def test_parses_every_field_as_protobuf_does():
 def test_image_data_is_a_view_of_the_received_bytes():
     pixels = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
     request = ScoreRequest(
-        groups=[reward_pb2.ImageGroup(prompt="p", images=[reward_pb2.Image(encoding=1, height=4, width=5, data=pixels.tobytes())])]
+        groups=[
+            reward_pb2.ImageGroup(
+                prompt="p", images=[reward_pb2.Image(encoding=1, height=4, width=5, data=pixels.tobytes())]
+            )
+        ]
     )
     data = request.SerializeToString()
     parsed = wire.parse(ScoreRequest, data)
@@ -106,15 +113,21 @@ def test_image_data_is_a_view_of_the_received_bytes():
 def test_unknown_fields_are_skipped_like_protobuf():
     base = next(random_requests(seed=1, count=1)).SerializeToString()
     unknown = (
-        bytes([(9 << 3) | 0]) + b"\x96\x01"  # varint
-        + bytes([(10 << 3) | 1]) + struct.pack("<d", 1.5)  # fixed64
-        + bytes([(11 << 3) | 2, 3]) + b"abc"  # length-delimited
-        + bytes([(12 << 3) | 5]) + struct.pack("<f", 2.5)  # fixed32
+        bytes([(9 << 3) | 0])
+        + b"\x96\x01"  # varint
+        + bytes([(10 << 3) | 1])
+        + struct.pack("<d", 1.5)  # fixed64
+        + bytes([(11 << 3) | 2, 3])
+        + b"abc"  # length-delimited
+        + bytes([(12 << 3) | 5])
+        + struct.pack("<f", 2.5)  # fixed32
     )
     for data in (unknown + base, base + unknown):
         parsed = wire.parse(UpdateRequest, data)
         assert not isinstance(parsed, UpdateRequest)
-        assert as_dict(parsed, UpdateRequest.DESCRIPTOR) == as_dict(UpdateRequest.FromString(data), UpdateRequest.DESCRIPTOR)
+        assert as_dict(parsed, UpdateRequest.DESCRIPTOR) == as_dict(
+            UpdateRequest.FromString(data), UpdateRequest.DESCRIPTOR
+        )
 
 
 def test_repeated_singular_fields_last_one_wins_and_map_keys_too():
@@ -123,12 +136,17 @@ def test_repeated_singular_fields_last_one_wins_and_map_keys_too():
         + UpdateRequest(model="second", steps=4).SerializeToString()
     )
     assert wire.parse(UpdateRequest, data).model == "second" == UpdateRequest.FromString(data).model
-    data = ScoreRequest(weights={"dino": 1.0}).SerializeToString() + ScoreRequest(weights={"dino": 2.0}).SerializeToString()
+    data = (
+        ScoreRequest(weights={"dino": 1.0}).SerializeToString()
+        + ScoreRequest(weights={"dino": 2.0}).SerializeToString()
+    )
     assert wire.parse(ScoreRequest, data).weights == {"dino": 2.0} == dict(ScoreRequest.FromString(data).weights)
 
 
 def test_an_absent_submessage_reads_as_empty_and_a_repeated_one_merges():
-    plain = wire.parse(ScoreRequest, ScoreRequest(groups=[reward_pb2.ImageGroup(images=[reward_pb2.Image()])]).SerializeToString())
+    plain = wire.parse(
+        ScoreRequest, ScoreRequest(groups=[reward_pb2.ImageGroup(images=[reward_pb2.Image()])]).SerializeToString()
+    )
     shm = plain.groups[0].images[0].shared_memory
     assert (shm.name, shm.offset, shm.size) == ("", 0, 0)
     # shared_memory sent twice (name, then offset): protobuf merges the two; so does parse.

@@ -28,11 +28,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-
-from advgrpo.common.protocol import RETRY_AFTER_KEY, STREAM_OPEN_KEY
 from advgrpo.common.images import RAW, encode_image_parts
+from advgrpo.common.protocol import RETRY_AFTER_KEY, STREAM_OPEN_KEY
 from advgrpo.common.shared_memory import SharedMemoryArena, SharedMemoryFull, SharedMemorySlots, StreamClosed
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,8 +132,9 @@ class _RetryBudget:
             return None
         left = math.inf if self.give_up_at is None else self.give_up_at - time.monotonic()
         if left <= 0 or (policy.max_attempts is not None and self.attempt >= policy.max_attempts):
-            log.warning("reward server %s: %s %s; giving up after %d attempt(s)", self.target, what, code.name,
-                        self.attempt)
+            log.warning(
+                "reward server %s: %s %s; giving up after %d attempt(s)", self.target, what, code.name, self.attempt
+            )
             return None
         jittered = self.backoff * (0.5 + random.random() / 2)  # jitter keeps clients from stampeding
         delay = min(max(jittered, hint or 0.0), left)
@@ -278,15 +278,18 @@ class RewardClient:
         # protobuf as is.
         service = "/" + reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
         self._score = self._channel.unary_unary(
-            f"{service}/Score", request_serializer=_ScoreBatch.serialize,
+            f"{service}/Score",
+            request_serializer=_ScoreBatch.serialize,
             response_deserializer=reward_pb2.ScoreResponse.FromString,
         )
         self._score_stream = self._channel.stream_stream(
-            f"{service}/ScoreStream", request_serializer=_ScoreBatch.serialize,
+            f"{service}/ScoreStream",
+            request_serializer=_ScoreBatch.serialize,
             response_deserializer=reward_pb2.ScoreResponse.FromString,
         )
         self._update = self._channel.unary_unary(
-            f"{service}/UpdateDiscriminator", request_serializer=_UpdateBatch.serialize,
+            f"{service}/UpdateDiscriminator",
+            request_serializer=_UpdateBatch.serialize,
             response_deserializer=reward_pb2.UpdateDiscriminatorResponse.FromString,
         )
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -308,7 +311,7 @@ class RewardClient:
         self.close()
 
     def health(self, service: str = "", timeout_s: float = 5.0) -> str:
-        """"SERVING", "NOT_SERVING", ... of the server (or of one service)."""
+        """ "SERVING", "NOT_SERVING", ... of the server (or of one service)."""
         response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
@@ -356,8 +359,11 @@ class RewardClient:
         if not answer.readable:
             with arena.lock:
                 arena.discard()
-            log.warning("reward server %s cannot read this client's shared memory (%s): image bytes "
-                        "go through the socket", self.target, answer.detail)
+            log.warning(
+                "reward server %s cannot read this client's shared memory (%s): image bytes go through the socket",
+                self.target,
+                answer.detail,
+            )
         return answer.readable
 
     # ------------------------------------------------------------------ calls
@@ -373,10 +379,13 @@ class RewardClient:
         for _ in range(self.max_rescores):
             if not straddled:
                 break
-            log.info("reward server %s: %d split group(s) straddled a model update; scoring them again",
-                     self.target, len(straddled))
+            log.info(
+                "reward server %s: %d split group(s) straddled a model update; scoring them again",
+                self.target,
+                len(straddled),
+            )
             again, still = self._score_once([(i, groups[i]) for i in straddled], weights)
-            for i, s in zip(straddled, again):
+            for i, s in zip(straddled, again, strict=True):
                 scores[i] = s
             straddled = [straddled[j] for j in still]
         if straddled:
@@ -399,16 +408,16 @@ class RewardClient:
                 responses = self._call_concurrently(self._score, [r for r, _ in requests])
             else:
                 responses = [self._call_images(self._score, r, arena) for r, _ in requests]
-        results = [p for response, (_, parts) in zip(responses, requests) for p in _collect(response, parts)]
+        results = [
+            p for response, (_, parts) in zip(responses, requests, strict=True) for p in _collect(response, parts)
+        ]
         merged, straddled = _merge_parts(results)
         if len(merged) != len(indexed):
             raise RuntimeError(f"expected scores for {len(indexed)} groups, got {len(merged)}")
         position = {index: k for k, (index, _) in enumerate(indexed)}
         return merged, sorted(position[i] for i in straddled)
 
-    def score_stream(
-        self, groups: Iterable[Group], weights: dict[str, float] | None = None
-    ) -> Iterator[GroupScore]:
+    def score_stream(self, groups: Iterable[Group], weights: dict[str, float] | None = None) -> Iterator[GroupScore]:
         """Streams groups as they come (e.g. as a sampler decodes them) and yields each group's
         scores in order, as soon as the server has them. The server scores several at once.
 
@@ -543,13 +552,17 @@ class RewardClient:
         if not isinstance(request, _UpdateBatch) or request.nbytes() <= self.max_message_bytes:
             return request
         limit, raw_size = self.max_message_bytes, request.nbytes()
-        fix = ("pass the images through shared memory (shared_memory=True or 'auto', server on this "
-               "host) or raise max_message_bytes on both sides (the client's and the server's "
-               "server.max_message_bytes), or send fewer images per update")
+        fix = (
+            "pass the images through shared memory (shared_memory=True or 'auto', server on this "
+            "host) or raise max_message_bytes on both sides (the client's and the server's "
+            "server.max_message_bytes), or send fewer images per update"
+        )
         groups = request.references + request.generated
         if not any(e == RAW for g in groups for e, *_ in g.images):
-            raise ValueError(f"update_discriminator request is {raw_size} bytes, over the message limit of "
-                             f"{limit} bytes (max_message_bytes): {fix}")
+            raise ValueError(
+                f"update_discriminator request is {raw_size} bytes, over the message limit of "
+                f"{limit} bytes (max_message_bytes): {fix}"
+            )
         t0 = time.perf_counter()
         packed = [_Encoded(g.index, g.group_id, g.prompt, [_png_parts(*image) for image in g.images]) for g in groups]
         n = len(request.references)
@@ -560,18 +573,22 @@ class RewardClient:
                 f"update_discriminator request is {raw_size} bytes with raw images and {size} bytes as "
                 f"PNG, over the message limit of {limit} bytes (max_message_bytes): {fix}"
             )
-        log.info("reward server %s: update_discriminator's raw images (%.1f MB) exceed the %.1f MB message "
-                 "limit; sent as PNG instead (lossless, %.1f MB, encoded in %.2fs)", self.target,
-                 raw_size / 1e6, limit / 1e6, size / 1e6, time.perf_counter() - t0)
+        log.info(
+            "reward server %s: update_discriminator's raw images (%.1f MB) exceed the %.1f MB message "
+            "limit; sent as PNG instead (lossless, %.1f MB, encoded in %.2fs)",
+            self.target,
+            raw_size / 1e6,
+            limit / 1e6,
+            size / 1e6,
+            time.perf_counter() - t0,
+        )
         return fitted
 
     def _encode_group(self, group: Group, index: int) -> "_Encoded":
         images = [encode_image_parts(img, self.encoding) for img in group.images]
         return _Encoded(index, group.group_id or str(index), group.prompt, images)
 
-    def _requests(
-        self, encoded: Sequence["_Encoded"], weights, budget: int
-    ) -> Iterator[tuple["_ScoreBatch", list]]:
+    def _requests(self, encoded: Sequence["_Encoded"], weights, budget: int) -> Iterator[tuple["_ScoreBatch", list]]:
         """Packs groups into requests of at most ``budget`` bytes and ``max_images_per_call``
         images, in order, filling each request image by image: a group that does not fit the room
         left is split there (one image always goes, so an image bigger than the budget travels
@@ -792,7 +809,7 @@ def _collect(response: reward_pb2.ScoreResponse, parts: list[tuple[int, int]]) -
                 dict(g.model_versions),
             ),
         )
-        for g, (index, part_no) in zip(response.groups, parts)
+        for g, (index, part_no) in zip(response.groups, parts, strict=True)
     ]
 
 
@@ -892,7 +909,9 @@ class _StreamRun:
             try:
                 group = next(self.groups)
                 client = self.client
-                messages = list(client._requests([client._encode_group(group, index)], self.weights, client.chunk_bytes))
+                messages = list(
+                    client._requests([client._encode_group(group, index)], self.weights, client.chunk_bytes)
+                )
             except StopIteration:
                 with self.cond:
                     self.exhausted = True
@@ -999,8 +1018,9 @@ class _StreamRun:
         stream = _StreamCall()
         client = self.client
         stream.call = client._score_stream(self._requests(stream), metadata=client._metadata, timeout=None)
-        stream.receiver = threading.Thread(target=self._receive, args=(stream,), name="score-stream-answers",
-                                           daemon=True)
+        stream.receiver = threading.Thread(
+            target=self._receive, args=(stream,), name="score-stream-answers", daemon=True
+        )
         stream.receiver.start()
         return stream
 
@@ -1098,8 +1118,9 @@ class _StreamRun:
             if error is not None:
                 raise error
             if self._owed():
-                raise RuntimeError(f"reward server {client.target} ended ScoreStream with {len(self.inflight)} "
-                                   "message(s) unanswered")
+                raise RuntimeError(
+                    f"reward server {client.target} ended ScoreStream with {len(self.inflight)} message(s) unanswered"
+                )
             ok = True
         finally:
             with self.cond:

@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
-from advgrpo.reward.v1 import reward_pb2
-
 from advgrpo.common.errors import InvalidArgument
 from advgrpo.common.shared_memory import SharedMemoryReader, open_shared, read_shared
+from advgrpo.reward.v1 import reward_pb2
 
 RAW = reward_pb2.ENCODING_RAW_RGB8
 PNG = reward_pb2.ENCODING_PNG
@@ -161,9 +160,7 @@ def _check_dims(h: int, w: int, where: str, max_side: int, max_aspect_ratio: flo
     if h == 0 or w == 0:
         raise InvalidArgument(f"{where}: height and width must be positive, got {h}x{w}")
     if h > max_side or w > max_side:
-        raise InvalidArgument(
-            f"{where}: {h}x{w} exceeds the maximum side of {max_side} pixels (server.max_image_side)"
-        )
+        raise InvalidArgument(f"{where}: {h}x{w} exceeds the maximum side of {max_side} pixels (server.max_image_side)")
     if max(h, w) > max_aspect_ratio * min(h, w):
         raise InvalidArgument(
             f"{where}: {h}x{w} has an aspect ratio (long side / short side) of {max(h, w) / min(h, w):g}, "

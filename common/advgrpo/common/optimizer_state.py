@@ -24,6 +24,7 @@ def optimizer_state_to_tensors(
     groups = json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
     return tensors, groups
 
+
 def optimizer_state_from_tensors(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups_json: str, prefix: str = "optim."
 ) -> None:
@@ -32,7 +33,7 @@ def optimizer_state_from_tensors(
     for key, value in tensors.items():
         if not key.startswith(prefix):
             continue
-        idx, _, name = key[len(prefix):].partition(".")
+        idx, _, name = key[len(prefix) :].partition(".")
         state.setdefault(int(idx), {})[name] = value
     for idx, values in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)

@@ -106,8 +106,14 @@ class SharedMemoryReader:
 
 class _NotRegular(OSError):
     def __init__(self, mode: int):
-        kinds = ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
-                 (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+        kinds = (
+            (stat.S_ISLNK, "symbolic link"),
+            (stat.S_ISDIR, "directory"),
+            (stat.S_ISFIFO, "FIFO"),
+            (stat.S_ISSOCK, "socket"),
+            (stat.S_ISCHR, "character device"),
+            (stat.S_ISBLK, "block device"),
+        )
         super().__init__(next((k for test, k in kinds if test(mode)), "special file"))
 
 
@@ -259,12 +265,12 @@ class SharedMemoryArena:
                 ) from None
             self._shm = shm
         buf = self._shm.buf
-        for data, offset in zip(chunks, offsets):
+        for data, offset in zip(chunks, offsets, strict=True):
             n = len(data)
             if n:
                 buf[offset : offset + n] = data
         name = self._shm.name.lstrip("/")
-        return [(name, offset, len(data)) for data, offset in zip(chunks, offsets)]
+        return [(name, offset, len(data)) for data, offset in zip(chunks, offsets, strict=True)]
 
     def discard(self) -> None:
         if self._shm is not None:

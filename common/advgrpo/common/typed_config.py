@@ -29,9 +29,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(
-            f"{where}{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -68,7 +66,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
         out = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out

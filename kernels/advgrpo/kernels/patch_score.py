@@ -100,16 +100,40 @@ _TOKEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fwd_kernel(
-    tok_ptr, idx_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    cls_ptr, patch_ptr, reward_ptr,  # score mode: [B] fp32 (patch/reward zeroed)
-    wimg_ptr, tgt_ptr, grow_ptr, part_ptr,  # hinge mode: [B], [B], [M], [n_programs] fp32
-    M, R, D, H,
-    stride_tb, stride_tt, stride_td,
-    stride_ib, stride_ik,
-    stride_wh, stride_wd,
-    cls_weight, inv_k, patch_loss_weight,
-    HINGE: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NB: tl.constexpr,
+    tok_ptr,
+    idx_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    cls_ptr,
+    patch_ptr,
+    reward_ptr,  # score mode: [B] fp32 (patch/reward zeroed)
+    wimg_ptr,
+    tgt_ptr,
+    grow_ptr,
+    part_ptr,  # hinge mode: [B], [B], [M], [n_programs] fp32
+    M,
+    R,
+    D,
+    H,
+    stride_tb,
+    stride_tt,
+    stride_td,
+    stride_ib,
+    stride_ik,
+    stride_wh,
+    stride_wd,
+    cls_weight,
+    inv_k,
+    patch_loss_weight,
+    HINGE: tl.constexpr,
+    LOWP: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -182,14 +206,33 @@ def _fwd_kernel(
 
 
 def _bwd_kernel(
-    tok_ptr, idx_ptr, w1_ptr, b1_ptr, w2_ptr, g_ptr,
-    dw1_ptr, db1_ptr, dw2_ptr,  # fp32 partials [SPLIT, H, D], [SPLIT, H], [SPLIT, H], zeroed
-    M, R, D, H, n_blocks,
-    stride_tb, stride_tt, stride_td,
-    stride_ib, stride_ik,
-    stride_wh, stride_wd,
-    LOWP: tl.constexpr, LOWP_DW: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    tok_ptr,
+    idx_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    g_ptr,
+    dw1_ptr,
+    db1_ptr,
+    dw2_ptr,  # fp32 partials [SPLIT, H, D], [SPLIT, H], [SPLIT, H], zeroed
+    M,
+    R,
+    D,
+    H,
+    n_blocks,
+    stride_tb,
+    stride_tt,
+    stride_td,
+    stride_ib,
+    stride_ik,
+    stride_wh,
+    stride_wd,
+    LOWP: tl.constexpr,
+    LOWP_DW: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -285,8 +328,10 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
     if triton is None:
         raise RuntimeError("the Triton backend was requested but triton is not installed (pip install triton)")
     if interpret != interpreter_active():
-        raise RuntimeError(f"Triton kernels requested with interpret={interpret} in a process where the interpreter "
-                           f"is {'on' if interpreter_active() else 'off'}")
+        raise RuntimeError(
+            f"Triton kernels requested with interpret={interpret} in a process where the interpreter "
+            f"is {'on' if interpreter_active() else 'off'}"
+        )
     ns = _KERNELS.get(interpret)
     if ns is None:
         if interpret:
@@ -343,14 +388,21 @@ def _fwd_config(m: int, d: int, h: int, dtype: torch.dtype, interpret: bool) -> 
     # register spills at these tiles with 8 warps (fp32 uses tf32x3 dots: the wider operands
     # need the smaller D tile).
     bd = 64 if dtype != torch.float32 else 32
-    return dict(BLOCK_M=64, BLOCK_H=_block(h, 16, 64), BLOCK_D=_block(d, 16, bd), num_warps=8,
-                num_stages=3 if dtype != torch.float32 else 2, **_GPU_OPTIONS)
+    return dict(
+        BLOCK_M=64,
+        BLOCK_H=_block(h, 16, 64),
+        BLOCK_D=_block(d, 16, bd),
+        num_warps=8,
+        num_stages=3 if dtype != torch.float32 else 2,
+        **_GPU_OPTIONS,
+    )
 
 
 def _bwd_tiles(d: int, h: int, dtype: torch.dtype) -> dict:
     """GPU tiles of the backward (compiled offline for sm_90 without spills, like the forward's)."""
-    return dict(BLOCK_M=64, BLOCK_H=_block(h, 16, 64), BLOCK_D=_block(d, 16, 32), num_warps=8, num_stages=2,
-                **_GPU_OPTIONS)
+    return dict(
+        BLOCK_M=64, BLOCK_H=_block(h, 16, 64), BLOCK_D=_block(d, 16, 32), num_warps=8, num_stages=2, **_GPU_OPTIONS
+    )
 
 
 def _bwd_config(m: int, d: int, h: int, dtype: torch.dtype, device: torch.device, interpret: bool) -> tuple[dict, int]:
@@ -437,9 +489,7 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def forward_rows(
-    tokens, patch_index, w1, b1, w2, b2, interpret: bool, *, cls_weight: float = 0.7, hinge=None
-):
+def forward_rows(tokens, patch_index, w1, b1, w2, b2, interpret: bool, *, cls_weight: float = 0.7, hinge=None):
     """Launches the forward kernel. Score mode returns (cls, patch, reward); hinge mode
     (``hinge=(target_f32, wimg, patch_loss_weight)``) returns (loss, g_rows)."""
     b, t, d = tokens.shape
@@ -466,15 +516,37 @@ def forward_rows(
         cls = patch = reward = part  # unused in this mode
     with _device_guard(tokens):
         _kernels(interpret).fwd[(n_prog,)](
-            tokens, idx, w1, _flat(b1), _flat(w2), _flat(b2),
-            cls, patch, reward,
-            wimg, tgt, grow, part,
-            m, r, d, h,
-            tokens.stride(0), tokens.stride(1), tokens.stride(2),
-            idx.stride(0), idx.stride(1),
-            w1.stride(0), w1.stride(1),
-            float(cls_weight), 1.0 / k, float(plw),
-            HINGE=hinge is not None, NB=nb, **_precision(tokens.dtype, interpret), **cfg,
+            tokens,
+            idx,
+            w1,
+            _flat(b1),
+            _flat(w2),
+            _flat(b2),
+            cls,
+            patch,
+            reward,
+            wimg,
+            tgt,
+            grow,
+            part,
+            m,
+            r,
+            d,
+            h,
+            tokens.stride(0),
+            tokens.stride(1),
+            tokens.stride(2),
+            idx.stride(0),
+            idx.stride(1),
+            w1.stride(0),
+            w1.stride(1),
+            float(cls_weight),
+            1.0 / k,
+            float(plw),
+            HINGE=hinge is not None,
+            NB=nb,
+            **_precision(tokens.dtype, interpret),
+            **cfg,
         )
     if hinge is None:
         return cls, patch, reward
@@ -499,13 +571,30 @@ def backward_weights(tokens, patch_index, w1, b1, w2, g_rows: torch.Tensor, inte
     grid = (triton.cdiv(h, cfg["BLOCK_H"]), split)
     with _device_guard(tokens):
         _kernels(interpret).bwd[grid](
-            tokens, idx, w1, _flat(b1), _flat(w2), g_rows,
-            dw1, db1, dw2,
-            m, r, d, h, n_blocks,
-            tokens.stride(0), tokens.stride(1), tokens.stride(2),
-            idx.stride(0), idx.stride(1),
-            w1.stride(0), w1.stride(1),
-            LOWP_DW=_bwd_lowp_dw(tokens.dtype, interpret), **_precision(tokens.dtype, interpret), **cfg,
+            tokens,
+            idx,
+            w1,
+            _flat(b1),
+            _flat(w2),
+            g_rows,
+            dw1,
+            db1,
+            dw2,
+            m,
+            r,
+            d,
+            h,
+            n_blocks,
+            tokens.stride(0),
+            tokens.stride(1),
+            tokens.stride(2),
+            idx.stride(0),
+            idx.stride(1),
+            w1.stride(0),
+            w1.stride(1),
+            LOWP_DW=_bwd_lowp_dw(tokens.dtype, interpret),
+            **_precision(tokens.dtype, interpret),
+            **cfg,
         )
     if split == 1:
         return dw1[0], db1[0], dw2[0], g_rows.sum()
@@ -521,7 +610,9 @@ def _weight_grads(ctx, g_rows: torch.Tensor):
     dw1, db1, dw2, db2 = backward_weights(tokens, patch_index, w1, b1, w2, g_rows, ctx.interpret)
     grads = (dw1, db1, dw2, db2)
     params = (w1, b1, w2, b2)
-    return tuple(gr.reshape(p.shape).to(p.dtype) if need else None for gr, p, need in zip(grads, params, needs))
+    return tuple(
+        gr.reshape(p.shape).to(p.dtype) if need else None for gr, p, need in zip(grads, params, needs, strict=True)
+    )
 
 
 def _refuse_token_grad(tokens: torch.Tensor) -> None:
@@ -611,4 +702,3 @@ def patch_score_reference(tokens, patch_index, w1, b1, w2, b2, cls_weight: float
     logits = rows(tokens, patch_index, w1, b1, w2, b2)
     cls_logit, patch_logit = logits[:, 0], logits[:, 1:].mean(dim=1)
     return cls_logit, patch_logit, cls_weight * cls_logit + (1.0 - cls_weight) * patch_logit
-

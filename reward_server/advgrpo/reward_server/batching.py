@@ -178,8 +178,7 @@ class DynamicBatcher(Generic[T, R]):
         if n > self.max_queue_items:
             self.requests_rejected += 1
             raise ResourceExhausted(
-                f"{self._label}: request has {n} items, more than the queue limit of "
-                f"{self.max_queue_items}"
+                f"{self._label}: request has {n} items, more than the queue limit of {self.max_queue_items}"
             )
         # With merging off there is no batch to join: count the running chunk as well.
         load = self._queued if self.enabled else self._queued + self._inflight
@@ -314,12 +313,7 @@ class DynamicBatcher(Generic[T, R]):
                 await self._run_exclusive_job(loop, head)
                 continue
             # Wait for company only while the batch can still grow.
-            if (
-                self.enabled
-                and not self._closing
-                and not self._barriers
-                and self._queued < self.max_batch_size
-            ):
+            if self.enabled and not self._closing and not self._barriers and self._queued < self.max_batch_size:
                 deadline = head.arrival + self.max_delay_s
                 if loop.time() < deadline:
                     self._wakeup.clear()
@@ -349,9 +343,7 @@ class DynamicBatcher(Generic[T, R]):
         self._queued -= size
         return parts
 
-    async def _run_one_batch(
-        self, loop: asyncio.AbstractEventLoop, parts: list[tuple[_Request, int, int]]
-    ) -> None:
+    async def _run_one_batch(self, loop: asyncio.AbstractEventLoop, parts: list[tuple[_Request, int, int]]) -> None:
         items = [x for req, start, stop in parts for x in req.items[start:stop]]
         dispatched = loop.time()
         wait = dispatched - parts[0][0].arrival
@@ -373,7 +365,10 @@ class DynamicBatcher(Generic[T, R]):
                 return
             log.warning(
                 "%s: a batch of %d requests failed (%s: %s); running each request's items alone",
-                self._label, len(parts), type(error).__name__, error,
+                self._label,
+                len(parts),
+                type(error).__name__,
+                error,
             )
             for part in parts:
                 await self._run_alone(loop, part)
@@ -406,9 +401,7 @@ class DynamicBatcher(Generic[T, R]):
             n = None
         if n != len(items):
             got = f"{n} results" if n is not None else f"a {type(out).__name__}"
-            raise RuntimeError(
-                f"{self._label}: run_batch returned {got} for a batch of {len(items)} items"
-            )
+            raise RuntimeError(f"{self._label}: run_batch returned {got} for a batch of {len(items)} items")
         return out
 
     def _deliver(self, parts: list[tuple[_Request, int, int]], out: Sequence) -> None:
@@ -423,9 +416,7 @@ class DynamicBatcher(Generic[T, R]):
                     req.future.set_result(req.results)
             offset += k
 
-    def _record(
-        self, size: int, requests: int, wait: float, run: float, ok: bool, retry: bool = False
-    ) -> None:
+    def _record(self, size: int, requests: int, wait: float, run: float, ok: bool, retry: bool = False) -> None:
         self.batches_run += 1
         self.items_run += size
         if self._on_batch is not None:

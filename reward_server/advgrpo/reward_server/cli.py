@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from advgrpo.reward_server.config import PRESETS, dump_config, load_config
 from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.config import PRESETS, dump_config, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
-    p.add_argument("--http-port", type=int, help="HTTP port for health/metrics/gateway/dashboard (default 8080; 0 picks one)")
+    p.add_argument(
+        "--http-port", type=int, help="HTTP port for health/metrics/gateway/dashboard (default 8080; 0 picks one)"
+    )
     p.add_argument("--no-http", action="store_true", help="serve gRPC only")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="model set: 'tiny' (in-memory tiny models + real OCR, no downloads) or 'sd3-adv' (real model ids); default sd3-adv unless --config is given")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="model set: 'tiny' (in-memory tiny models + real OCR, no downloads) or 'sd3-adv' (real model ids); default sd3-adv unless --config is given",
+    )
     p.add_argument("--config", type=Path, help="YAML config file, merged over the preset")
     p.add_argument("--state-dir", type=Path, help="directory where discriminator state is made durable")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")

@@ -217,9 +217,7 @@ def build_config(data: Mapping[str, Any]) -> ServerConfig:
         params = from_mapping(KIND_PARAMS[kind], spec.get("params"), f"{path}.params")
         rest = {k: v for k, v in spec.items() if k in ("weight", "batching")}
         base = from_mapping(_ModelFields, rest, path)
-        models.append(
-            ModelConfig(name=str(name), kind=kind, params=params, weight=base.weight, batching=base.batching)
-        )
+        models.append(ModelConfig(name=str(name), kind=kind, params=params, weight=base.weight, batching=base.batching))
     if not models:
         raise ConfigError("models: no models configured")
     _validate(server, models)

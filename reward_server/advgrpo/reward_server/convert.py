@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from advgrpo.reward.v1 import reward_pb2
-
-from advgrpo.reward_server.host import DecodedBytesTicket, GroupInput, GroupResult, ModelHost, ModelStatus, UpdateOutcome
 from advgrpo.common.images import RAW, decode_image, image_size
-
+from advgrpo.reward.v1 import reward_pb2
+from advgrpo.reward_server.host import (
+    DecodedBytesTicket,
+    GroupInput,
+    GroupResult,
+    ModelHost,
+    ModelStatus,
+    UpdateOutcome,
+)
 
 Fields = Sequence[tuple[str, Sequence[reward_pb2.ImageGroup]]]  # (field name, its groups)
 
@@ -74,7 +79,9 @@ def score_response(results: Sequence[GroupResult]) -> reward_pb2.ScoreResponse:
     return out
 
 
-async def update(host: ModelHost, request: reward_pb2.UpdateDiscriminatorRequest) -> reward_pb2.UpdateDiscriminatorResponse:
+async def update(
+    host: ModelHost, request: reward_pb2.UpdateDiscriminatorRequest
+) -> reward_pb2.UpdateDiscriminatorResponse:
     host.trainable_model(request.model)  # NOT_FOUND / FAILED_PRECONDITION before any decoding
     host.check_groups(request.references, "references")
     host.check_groups(request.generated, "generated")

@@ -70,13 +70,20 @@ def run_demo(target: str, out_dir: Path) -> None:
         gens = [Group("a", [noise(rng) for _ in range(8)])]
         for _ in range(5):
             u = client.update_discriminator("dino", refs, gens, steps=10)
-            print(f"  dino update -> version {u.version}: loss {u.loss:.3f}, reference {u.reference_score:+.3f}, "
-                  f"generated {u.generated_score:+.3f}, accuracy {u.accuracy:.2f}")
-        held = client.score([Group("a", [gradient(rng) for _ in range(4)]), Group("a", [noise(rng) for _ in range(4)])],
-                            {"dino": 1.0})
-        print(f"held-out: references {np.mean(held[0].rewards):+.3f} vs generations {np.mean(held[1].rewards):+.3f} "
-              f"(dino version {held[0].model_versions['dino']})")
-        (out_dir / "scores.json").write_text(json.dumps({"group": scores.__dict__, "last_update": u.__dict__}, indent=2))
+            print(
+                f"  dino update -> version {u.version}: loss {u.loss:.3f}, reference {u.reference_score:+.3f}, "
+                f"generated {u.generated_score:+.3f}, accuracy {u.accuracy:.2f}"
+            )
+        held = client.score(
+            [Group("a", [gradient(rng) for _ in range(4)]), Group("a", [noise(rng) for _ in range(4)])], {"dino": 1.0}
+        )
+        print(
+            f"held-out: references {np.mean(held[0].rewards):+.3f} vs generations {np.mean(held[1].rewards):+.3f} "
+            f"(dino version {held[0].model_versions['dino']})"
+        )
+        (out_dir / "scores.json").write_text(
+            json.dumps({"group": scores.__dict__, "last_update": u.__dict__}, indent=2)
+        )
         print(f"results written to {out_dir / 'scores.json'}")
 
 

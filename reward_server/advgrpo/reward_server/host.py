@@ -21,12 +21,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from advgrpo.common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from advgrpo.common.shared_memory import SharedMemoryReader
 from advgrpo.reward_server.batching import BatchStats, DynamicBatcher
 from advgrpo.reward_server.config import ModelConfig, ServerConfig
-from advgrpo.common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from advgrpo.reward_server.metrics import ServerMetrics
 from advgrpo.reward_server.models import RewardModel, TrainableRewardModel, build_model
-from advgrpo.common.shared_memory import SharedMemoryReader
 from advgrpo.reward_server.state import FINGERPRINT_KEY, VERSION_KEY, StateStore
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,9 @@ class ModelHost:
     def __init__(self, config: ServerConfig, models: dict[str, RewardModel], metrics: ServerMetrics | None = None):
         self.config = config
         self.metrics = metrics or ServerMetrics()
-        self.decoded_bytes = DecodedBytesBudget(config.server.max_inflight_decoded_bytes,
-                                                self.metrics.inflight_decoded_bytes)
+        self.decoded_bytes = DecodedBytesBudget(
+            config.server.max_inflight_decoded_bytes, self.metrics.inflight_decoded_bytes
+        )
         self.store = StateStore(config.server.state_dir) if config.server.state_dir else None
         self.events: collections.deque[Event] = collections.deque(maxlen=500)
         # Discriminator curves for the dashboard: kept apart from the busy event stream.
@@ -320,7 +321,7 @@ class ModelHost:
             n = len(g.images)
             components, versions = {}, {}
             rewards = np.zeros(n, dtype=np.float64)
-            for name, scored in zip(weights, per_model):
+            for name, scored in zip(weights, per_model, strict=True):
                 chunk = scored[offset : offset + n]
                 values = [s for s, _ in chunk]
                 components[name] = values
@@ -331,7 +332,7 @@ class ModelHost:
             results.append(GroupResult(g.group_id, rewards.astype(np.float32).tolist(), components, versions))
             offset += n
         now = time.time()
-        for name, scored in zip(weights, per_model):
+        for name, scored in zip(weights, per_model, strict=True):
             self.metrics.images_scored.labels(name).inc(len(items))
             mean = float(np.mean([s for s, _ in scored])) if scored else float("nan")
             self.events.append(Event(now, "score", name, {"images": len(items), "mean": mean}))

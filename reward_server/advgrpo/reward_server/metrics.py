@@ -29,8 +29,11 @@ class ServerMetrics:
             "advgrpo_batch_requests", "Requests merged per model call", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
-            "advgrpo_batch_queue_wait_seconds", "Wait of a batch's oldest item", ["model"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "advgrpo_batch_queue_wait_seconds",
+            "Wait of a batch's oldest item",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_run = Histogram(
             "advgrpo_batch_run_seconds", "Model time per batch", ["model"], buckets=_LATENCY_BUCKETS, registry=r
@@ -45,11 +48,15 @@ class ServerMetrics:
             "advgrpo_discriminator_accuracy", "Accuracy after the last update", ["model"], registry=r
         )
         self.reference_score = Gauge(
-            "advgrpo_discriminator_reference_score", "Mean reference reward after the last update", ["model"],
+            "advgrpo_discriminator_reference_score",
+            "Mean reference reward after the last update",
+            ["model"],
             registry=r,
         )
         self.generated_score = Gauge(
-            "advgrpo_discriminator_generated_score", "Mean generated reward after the last update", ["model"],
+            "advgrpo_discriminator_generated_score",
+            "Mean generated reward after the last update",
+            ["model"],
             registry=r,
         )
         self.ready = Gauge("advgrpo_ready", "1 when all models are loaded and serving", registry=r)

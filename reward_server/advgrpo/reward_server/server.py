@@ -16,8 +16,8 @@ import torch
 import uvicorn
 
 from advgrpo.common.allocator import keep_freed_memory
-from advgrpo.reward_server.config import ServerConfig, address
 from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.config import ServerConfig, address
 from advgrpo.reward_server.host import ModelHost
 from advgrpo.reward_server.models.base import resolve_device
 from advgrpo.reward_server.rpc.server import GrpcFrontend
@@ -72,7 +72,9 @@ class RewardServer:
             sock.bind((settings.host, settings.http_port))
         except OSError as exc:
             sock.close()
-            raise ConfigError(f"--http-port {settings.http_port}: cannot listen on {settings.host} ({exc.strerror})") from None
+            raise ConfigError(
+                f"--http-port {settings.http_port}: cannot listen on {settings.host} ({exc.strerror})"
+            ) from None
         self.http_port = sock.getsockname()[1]
         self._http_state = HttpState()
         app = build_app(self.host, self._http_state)

@@ -15,11 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from advgrpo.reward_server.config import MODEL_NAME
 from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.config import MODEL_NAME
 
 VERSION_KEY = "version"
 FINGERPRINT_KEY = "fingerprint"
+
 
 class StateStore:
     def __init__(self, directory: str | Path):

@@ -23,9 +23,8 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from advgrpo.reward.v1 import reward_pb2
-
 from advgrpo.common.errors import InvalidArgument
+from advgrpo.reward.v1 import reward_pb2
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 _MASK64 = (1 << 64) - 1

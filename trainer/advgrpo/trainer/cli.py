@@ -11,21 +11,33 @@ from pathlib import Path
 import yaml
 
 from advgrpo.common.errors import ConfigError
-
 from advgrpo.trainer.config import PRESETS, dump_train_config, load_train_config
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advgrpo-train", description="Adv-GRPO on Stable Diffusion 3 against a reward server.")
+    p = argparse.ArgumentParser(
+        prog="advgrpo-train", description="Adv-GRPO on Stable Diffusion 3 against a reward server."
+    )
     p.add_argument("--config", type=Path, help="YAML config (merged over --preset)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="tiny, sd3.5m-dino, sd3.5m-pickscore, sd3.5m-ocr")
     p.add_argument("--server", help="reward server HOST:PORT (reward.server)")
     p.add_argument("--output-dir", type=Path, help="run directory: metrics.jsonl, checkpoints/, samples/")
     p.add_argument("--epochs", type=int, help="total epochs (run.epochs)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder",
+    )
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     return p
 
@@ -57,8 +69,10 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    print(f"run finished: metrics in {cfg.run.output_dir / 'metrics.jsonl'}, checkpoints in "
-          f"{cfg.run.output_dir / 'checkpoints'}, samples in {cfg.run.output_dir / 'samples'}")
+    print(
+        f"run finished: metrics in {cfg.run.output_dir / 'metrics.jsonl'}, checkpoints in "
+        f"{cfg.run.output_dir / 'checkpoints'}, samples in {cfg.run.output_dir / 'samples'}"
+    )
     return 0
 
 
@@ -97,13 +111,18 @@ def generate_main(argv: list[str] | None = None) -> int:
     settings.setdefault("resolution", 512)
     settings.setdefault("max_sequence_length", 128)
     settings.setdefault("seed", 0)
-    from . import pipeline as sd3
     from advgrpo.trainer.logs import save_grid
     from advgrpo.trainer.loop import generate_images
 
+    from . import pipeline as sd3
+
     try:
-        pipe = sd3.load_sd3_pipeline(settings["pretrained"], dtype=settings.get("dtype", "float32"),
-                                     device=args.device, seed=settings.get("model_seed", 0))
+        pipe = sd3.load_sd3_pipeline(
+            settings["pretrained"],
+            dtype=settings.get("dtype", "float32"),
+            device=args.device,
+            seed=settings.get("model_seed", 0),
+        )
         sd3.load_lora(pipe, lora)
     except ConfigError as exc:
         print(f"advgrpo-generate: {exc}", file=sys.stderr)

@@ -11,8 +11,14 @@ from advgrpo.common.errors import ConfigError
 from advgrpo.common.typed_config import apply_override, deep_merge, from_mapping, load_yaml, to_mapping
 
 LORA_TARGETS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
 )
 
 
@@ -131,8 +137,14 @@ class TrainConfig:
 # and Adv-GRPO (DINO ratio 10, PickScore trigger).
 _SD35M = {
     "model": {"pretrained": "stabilityai/stable-diffusion-3.5-medium", "dtype": "bfloat16", "resolution": 512},
-    "sampling": {"num_steps": 10, "eval_num_steps": 40, "guidance_scale": 4.5, "group_size": 16,
-                 "batch_size": 8, "batches_per_epoch": 4},
+    "sampling": {
+        "num_steps": 10,
+        "eval_num_steps": 40,
+        "guidance_scale": 4.5,
+        "group_size": 16,
+        "batch_size": 8,
+        "batches_per_epoch": 4,
+    },
     "optim": {"lr": 3e-4, "clip_range": 1e-4, "beta": 0.04, "train_batch_size": 8},
 }
 
@@ -141,27 +153,47 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"pretrained": "tiny", "dtype": "float32", "resolution": 32, "max_sequence_length": 16},
         "lora": {"rank": 4, "alpha": 8},
-        "sampling": {"num_steps": 4, "eval_num_steps": 4, "guidance_scale": 4.5, "group_size": 4,
-                     "batch_size": 8, "batches_per_epoch": 1},
+        "sampling": {
+            "num_steps": 4,
+            "eval_num_steps": 4,
+            "guidance_scale": 4.5,
+            "group_size": 4,
+            "batch_size": 8,
+            "batches_per_epoch": 1,
+        },
         "optim": {"lr": 1e-3, "clip_range": 0.2, "train_batch_size": 8, "ema_every": 1},
         "reward": {"weights": {"dino": 1.0}},
-        "adversarial": {"discriminator": "dino", "schedule": "ratio", "ratio_k": 2, "steps": 2,
-                        "references_per_update": 16},
+        "adversarial": {
+            "discriminator": "dino",
+            "schedule": "ratio",
+            "ratio_k": 2,
+            "steps": 2,
+            "references_per_update": 16,
+        },
         "run": {"epochs": 4, "eval_every": 0, "save_every": 0, "eval_images": 4, "device": "cpu"},
     },
-    "sd3.5m-dino": deep_merge(_SD35M, {
-        "reward": {"weights": {"dino": 1.0}},
-        "adversarial": {"discriminator": "dino", "schedule": "ratio", "ratio_k": 10},
-    }),
-    "sd3.5m-pickscore": deep_merge(_SD35M, {
-        "reward": {"weights": {"pickscore": 1.0}},
-        "adversarial": {"discriminator": "pickscore", "schedule": "trigger"},
-    }),
-    "sd3.5m-ocr": deep_merge(_SD35M, {
-        "sampling": {"group_size": 24, "batch_size": 12, "batches_per_epoch": 4},
-        "reward": {"weights": {"ocr": 1.0, "dino": 1.0}},
-        "adversarial": {"discriminator": "dino", "schedule": "ratio", "ratio_k": 10},
-    }),
+    "sd3.5m-dino": deep_merge(
+        _SD35M,
+        {
+            "reward": {"weights": {"dino": 1.0}},
+            "adversarial": {"discriminator": "dino", "schedule": "ratio", "ratio_k": 10},
+        },
+    ),
+    "sd3.5m-pickscore": deep_merge(
+        _SD35M,
+        {
+            "reward": {"weights": {"pickscore": 1.0}},
+            "adversarial": {"discriminator": "pickscore", "schedule": "trigger"},
+        },
+    ),
+    "sd3.5m-ocr": deep_merge(
+        _SD35M,
+        {
+            "sampling": {"group_size": 24, "batch_size": 12, "batches_per_epoch": 4},
+            "reward": {"weights": {"ocr": 1.0, "dino": 1.0}},
+            "adversarial": {"discriminator": "dino", "schedule": "ratio", "ratio_k": 10},
+        },
+    ),
 }
 
 

@@ -15,8 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_PROMPTS = ["a red apple on a table", "a blue car in the rain", "a green tree on a hill",
-                "a yellow sun over the sea"]
+DEMO_PROMPTS = [
+    "a red apple on a table",
+    "a blue car in the rain",
+    "a green tree on a hill",
+    "a yellow sun over the sea",
+]
 
 
 def main() -> int:
@@ -57,8 +61,10 @@ def main() -> int:
     d_updates = [r for r in epochs_done if "d_version" in r]
     grids = sorted((run / "samples").glob("*.png"))
     print()
-    print(f"done in {time.perf_counter() - t0:.0f}s: {len(epochs_done)} epochs, "
-          f"{len(d_updates)} discriminator updates (dino now at version {d_updates[-1]['d_version'] if d_updates else 0})")
+    print(
+        f"done in {time.perf_counter() - t0:.0f}s: {len(epochs_done)} epochs, "
+        f"{len(d_updates)} discriminator updates (dino now at version {d_updates[-1]['d_version'] if d_updates else 0})"
+    )
     for r in epochs_done:
         line = f"  epoch {r['epoch']}: reward {r['reward_mean']:+.3f}"
         if "reference_mean" in r:

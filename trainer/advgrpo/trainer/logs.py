@@ -82,7 +82,7 @@ def save_grid(images: Sequence[np.ndarray], path: Path, columns: int | None = No
     grid = np.full((rows * h, columns * w, 3), 255, dtype=np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, columns)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path

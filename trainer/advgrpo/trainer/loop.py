@@ -26,20 +26,27 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+
 from advgrpo.client import Group, RetryPolicy, RewardClient
 from advgrpo.common.errors import ConfigError
-
-from . import pipeline as sd3
 from advgrpo.trainer.checkpoint import TrainerState, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from advgrpo.trainer.config import TrainConfig, dump_train_config
 from advgrpo.trainer.ema import EMA
 from advgrpo.trainer.grpo import group_advantages, grpo_loss
 from advgrpo.trainer.logs import JsonlWriter, MetricsWriter, save_grid
-from advgrpo.trainer.references import ReferenceSet, check_coverage, load_prompts, load_reference_image, load_reference_set
+from advgrpo.trainer.references import (
+    ReferenceSet,
+    check_coverage,
+    load_prompts,
+    load_reference_image,
+    load_reference_set,
+)
 from advgrpo.trainer.rewards import RewardStream
 from advgrpo.trainer.sampling import Conditioning, Trajectory, sample_with_logprobs, step_log_prob
 from advgrpo.trainer.schedule import DiscriminatorSchedule
 from advgrpo.trainer.sde import kl_to_reference, sde_window
+
+from . import pipeline as sd3
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +99,15 @@ class AdvGrpoTrainer:
 
     def _setup_rewards(self) -> None:
         r = self.cfg.reward
-        self.client = RewardClient(r.server, token=r.token, timeout_s=r.timeout_s, encoding=r.encoding,
-                                   keep_freed_memory=r.keep_freed_memory, shared_memory=r.shared_memory,
-                                   retry=RetryPolicy(max_elapsed_s=r.retry_budget_s))
+        self.client = RewardClient(
+            r.server,
+            token=r.token,
+            timeout_s=r.timeout_s,
+            encoding=r.encoding,
+            keep_freed_memory=r.keep_freed_memory,
+            shared_memory=r.shared_memory,
+            retry=RetryPolicy(max_elapsed_s=r.retry_budget_s),
+        )
         try:
             self.client.wait_ready(timeout_s=r.connect_timeout_s)
             models = {m.name: m for m in self.client.list_models()}
@@ -103,7 +116,9 @@ class AdvGrpoTrainer:
             raise ConfigError(f"reward.server {r.server}: reward server unreachable ({_short(exc)})") from None
         unknown = sorted(set(r.weights) - set(models))
         if unknown:
-            raise ConfigError(f"reward.weights: {unknown[0]!r} is not served by {r.server} (models: {', '.join(models)})")
+            raise ConfigError(
+                f"reward.weights: {unknown[0]!r} is not served by {r.server} (models: {', '.join(models)})"
+            )
         disc = self.cfg.adversarial.discriminator
         if disc:
             if disc not in models:
@@ -138,7 +153,9 @@ class AdvGrpoTrainer:
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
         self.dtype = getattr(torch, cfg.model.dtype)
-        self.pipe = sd3.load_sd3_pipeline(cfg.model.pretrained, dtype=self.dtype, device=self.device, seed=cfg.model.seed)
+        self.pipe = sd3.load_sd3_pipeline(
+            cfg.model.pretrained, dtype=self.dtype, device=self.device, seed=cfg.model.seed
+        )
         self.transformer = self.pipe.transformer
         self.lora_params = sd3.add_lora(self.transformer, cfg.lora)
         self.lora_names = [n for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -152,7 +169,9 @@ class AdvGrpoTrainer:
         side = cfg.model.resolution // vae_scale
         self.latent_shape = (self.pipe.transformer.config.in_channels, side, side)
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        neg = sd3.encode_negative_prompt(self.pipe, device=self.device, max_sequence_length=cfg.model.max_sequence_length)
+        neg = sd3.encode_negative_prompt(
+            self.pipe, device=self.device, max_sequence_length=cfg.model.max_sequence_length
+        )
         self.neg_embeds, self.neg_pooled = neg
 
     def _conditioning(self, prompts: list[str]) -> Conditioning:
@@ -199,9 +218,18 @@ class AdvGrpoTrainer:
             batch_ids = ids[b * s.batch_size : (b + 1) * s.batch_size]
             prompts = [self.prompts[i] for i in batch_ids]
             traj = sample_with_logprobs(
-                self.transformer, self.pipe.scheduler, self._conditioning(prompts),
-                num_steps=s.num_steps, guidance_scale=s.guidance_scale, step=s.step, noise_level=s.noise_level,
-                window=window, latent_shape=self.latent_shape, generator=gen, device=self.device, dtype=self.dtype,
+                self.transformer,
+                self.pipe.scheduler,
+                self._conditioning(prompts),
+                num_steps=s.num_steps,
+                guidance_scale=s.guidance_scale,
+                step=s.step,
+                noise_level=s.noise_level,
+                window=window,
+                latent_shape=self.latent_shape,
+                generator=gen,
+                device=self.device,
+                dtype=self.dtype,
             )
             batch_images = to_uint8(sd3.decode_latents(self.pipe, traj.final_latents))
             # Stream each prompt's images of this batch right away: the server scores them while
@@ -253,9 +281,15 @@ class AdvGrpoTrainer:
         for idx, score in zip(self._submitted, scores, strict=True):
             # Every reward is kept with the model versions that produced it.
             self.reward_log.write(
-                {"epoch": epoch, "rank": self.rank, "group_id": score.group_id,
-                 "prompt": self.prompts[int(samples.prompt_ids[idx[0]])], "rewards": score.rewards,
-                 "components": score.components, "model_versions": score.model_versions}
+                {
+                    "epoch": epoch,
+                    "rank": self.rank,
+                    "group_id": score.group_id,
+                    "prompt": self.prompts[int(samples.prompt_ids[idx[0]])],
+                    "rewards": score.rewards,
+                    "components": score.components,
+                    "model_versions": score.model_versions,
+                }
             )
             rewards[idx] = torch.tensor(score.rewards)
             for k, v in score.components.items():
@@ -289,8 +323,13 @@ class AdvGrpoTrainer:
         if self.schedule.trains_generator(epoch, gen_mean, ref_mean):
             metrics.update(self._grpo_update(epoch, samples, advantages))
         t_train = time.perf_counter() - t2
-        metrics.update(time_sample_s=t_sample, time_reward_s=t_reward, time_train_s=t_train,
-                       time_epoch_s=time.perf_counter() - t0, global_step=self.state.global_step)
+        metrics.update(
+            time_sample_s=t_sample,
+            time_reward_s=t_reward,
+            time_train_s=t_train,
+            time_epoch_s=time.perf_counter() - t0,
+            global_step=self.state.global_step,
+        )
         self.state.epoch = epoch + 1
         self.metrics.write(self.state.global_step, metrics)
         return metrics
@@ -303,8 +342,10 @@ class AdvGrpoTrainer:
         prompts = [self.prompts[i] for i in dict.fromkeys(self.epoch_prompt_ids(epoch))]
         chosen = self.references.pick(prompts, self.cfg.adversarial.references_per_update, rng)
         res = self.cfg.model.resolution
-        groups = [Group(p, [load_reference_image(path, res) for path in paths], f"ref-{i}")
-                  for i, (p, paths) in enumerate(chosen.items())]
+        groups = [
+            Group(p, [load_reference_image(path, res) for path in paths], f"ref-{i}")
+            for i, (p, paths) in enumerate(chosen.items())
+        ]
         disc = self.cfg.adversarial.discriminator
         scored = self.client.score(groups, {disc: 1.0})
         values = [v for s in scored for v in s.components[disc]]
@@ -319,12 +360,20 @@ class AdvGrpoTrainer:
                 by_prompt.setdefault(pid, []).append(img)
             generated = [Group(self.prompts[p], imgs, f"gen-{p}") for p, imgs in by_prompt.items()]
             result = self.client.update_discriminator(
-                disc, ref_groups, generated, steps=self.cfg.adversarial.steps,
+                disc,
+                ref_groups,
+                generated,
+                steps=self.cfg.adversarial.steps,
                 update_id=f"{self.cfg.run.output_dir}:{epoch}:{derived_seed(self.cfg.run.seed, epoch)}",
             )
             self.state.discriminator_versions[disc] = result.version
-            out = {"d_loss": result.loss, "d_accuracy": result.accuracy, "d_version": result.version,
-                   "d_reference_score": result.reference_score, "d_generated_score": result.generated_score}
+            out = {
+                "d_loss": result.loss,
+                "d_accuracy": result.accuracy,
+                "d_version": result.version,
+                "d_reference_score": result.reference_score,
+                "d_generated_score": result.generated_score,
+            }
         self.accelerator.wait_for_everyone()
         return out
 
@@ -348,9 +397,21 @@ class AdvGrpoTrainer:
                 cond = self._conditioning([prompts[i] for i in mb.tolist()])
                 steps = torch.randperm(n_steps, generator=gen)[:n_train_steps].tolist()
                 for j in steps:
-                    args = (latents[mb, j], next_latents[mb, j], ref.timesteps[j], ref.sigmas[j], ref.sigmas_next[j], cond)
-                    kw = dict(guidance_scale=s.guidance_scale, step=s.step, noise_level=s.noise_level,
-                              sigma_max=ref.sigma_max, dtype=self.dtype)
+                    args = (
+                        latents[mb, j],
+                        next_latents[mb, j],
+                        ref.timesteps[j],
+                        ref.sigmas[j],
+                        ref.sigmas_next[j],
+                        cond,
+                    )
+                    kw = dict(
+                        guidance_scale=s.guidance_scale,
+                        step=s.step,
+                        noise_level=s.noise_level,
+                        sigma_max=ref.sigma_max,
+                        dtype=self.dtype,
+                    )
                     with self.accelerator.autocast():
                         out = step_log_prob(self.transformer, *args, **kw)
                         kl = None
@@ -359,8 +420,9 @@ class AdvGrpoTrainer:
                                 ref_out = step_log_prob(self.transformer, *args, **kw)
                             # Flow-GRPO scale: divided by std_t (not std_t*sqrt(-dt)), so its beta carries over.
                             kl = kl_to_reference(out.mean, ref_out.mean, out.std_t)
-                        loss, st = grpo_loss(out.log_prob, old_logp[mb, j], advantages[mb], o.clip_range,
-                                             kl=kl, beta=o.beta)
+                        loss, st = grpo_loss(
+                            out.log_prob, old_logp[mb, j], advantages[mb], o.clip_range, kl=kl, beta=o.beta
+                        )
                     self.accelerator.backward(loss / len(steps))  # accumulate over timesteps
                     stats["loss"].append(loss.item())
                     for k in ("policy_loss", "kl", "clip_frac", "approx_kl"):
@@ -410,11 +472,17 @@ class AdvGrpoTrainer:
                 sd3.save_lora(self.accelerator.unwrap_model(self.transformer), path)
             (path / "advgrpo.json").write_text(_json(generation_settings(cfg)))
 
-        meta = {"optimizer": opt_groups, "config": dump_train_config(cfg),
-                "ema_meta": {k: v for k, v in (self.ema.state_dict().items() if self.ema else []) if not torch.is_tensor(v)}}
+        meta = {
+            "optimizer": opt_groups,
+            "config": dump_train_config(cfg),
+            "ema_meta": {
+                k: v for k, v in (self.ema.state_dict().items() if self.ema else []) if not torch.is_tensor(v)
+            },
+        }
         self.state.epoch = next_epoch
-        return save_checkpoint(checkpoint_dir(self.out, next_epoch), state=self.state, tensors=tensors, meta=meta,
-                               write_lora=write_lora)
+        return save_checkpoint(
+            checkpoint_dir(self.out, next_epoch), state=self.state, tensors=tensors, meta=meta, write_lora=write_lora
+        )
 
     def _resume(self, resume: str | Path) -> None:
         directory = latest_checkpoint(self.out) if str(resume) == "latest" else Path(resume)
@@ -429,7 +497,7 @@ class AdvGrpoTrainer:
 
         optimizer_state_from_tensors(self.optimizer, tensors, meta["optimizer"])
         if self.ema is not None:
-            ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+            ema_state = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
             ema_state.update(meta.get("ema_meta", {}))
             self.ema.load_state_dict(ema_state)
         self.state = state

@@ -234,7 +234,9 @@ def load_sd3_pipeline(
             lines = str(err).strip().splitlines()
             reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
             if path.exists():
-                raise ModelLoadError(f"model {model!r}: cannot load the SD3 pipeline in this directory: {reason}") from err
+                raise ModelLoadError(
+                    f"model {model!r}: cannot load the SD3 pipeline in this directory: {reason}"
+                ) from err
             raise ModelLoadError(
                 f"model {model!r}: not a local directory, and loading it as a hub id failed"
                 f" (offline and not in the cache?): {reason}"
@@ -315,7 +317,7 @@ def lora_disabled(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
     try:
         yield transformer
     finally:
-        for layer, enabled in zip(layers, was_enabled):
+        for layer, enabled in zip(layers, was_enabled, strict=True):
             if enabled:
                 layer.enable_adapters(True)
         for param, requires_grad in grads:
@@ -343,9 +345,7 @@ def save_lora(
     return directory
 
 
-def load_lora(
-    pipeline: StableDiffusion3Pipeline, directory: str | os.PathLike, adapter_name: str = "default"
-) -> None:
+def load_lora(pipeline: StableDiffusion3Pipeline, directory: str | os.PathLike, adapter_name: str = "default") -> None:
     """Loads a LoRA written by ``save_lora`` (or any diffusers SD3 LoRA) into ``pipeline``."""
     pipeline.load_lora_weights(str(directory), adapter_name=adapter_name)
 

@@ -44,8 +44,7 @@ class ReferenceSet:
                     chosen.setdefault(prompt, []).append(pool.pop())
                     taken += 1
         if taken < budget:
-            rest = [(p, path) for p, paths in self.images.items() for path in paths
-                    if path not in chosen.get(p, [])]
+            rest = [(p, path) for p, paths in self.images.items() for path in paths if path not in chosen.get(p, [])]
             for prompt, path in rng.sample(rest, min(budget - taken, len(rest))):
                 chosen.setdefault(prompt, []).append(path)
         return chosen
@@ -65,7 +64,9 @@ def load_reference_set(path: str | Path, *, verify_images: bool = True) -> Refer
     except json.JSONDecodeError as exc:
         raise ConfigError(f"adversarial.references {source}: invalid JSON ({exc})") from None
     if not isinstance(data, dict) or not data:
-        raise ConfigError(f"adversarial.references {source}: expected a non-empty JSON object {{prompt: [image paths]}}")
+        raise ConfigError(
+            f"adversarial.references {source}: expected a non-empty JSON object {{prompt: [image paths]}}"
+        )
     problems: list[str] = []
     images: dict[str, list[Path]] = {}
     for prompt, paths in data.items():
@@ -134,8 +135,9 @@ def load_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def write_synthetic_references(root: Path, prompts: Sequence[str], per_prompt: int = 4, size: int = 48,
-                               seed: int = 0) -> Path:
+def write_synthetic_references(
+    root: Path, prompts: Sequence[str], per_prompt: int = 4, size: int = 48, seed: int = 0
+) -> Path:
     """A stand-in reference set for demos and tests: smooth colour gradients (the "real" look the
     discriminator learns), saved as PNGs with a references.json in Adv-GRPO's format."""
     rng = np.random.default_rng(seed)

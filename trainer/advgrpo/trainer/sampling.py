@@ -51,8 +51,11 @@ def guided_velocity(
     b = latents.shape[0]
     if guidance_scale == 1.0:
         return transformer(
-            hidden_states=latents, timestep=timestep.expand(b), encoder_hidden_states=cond.embeds,
-            pooled_projections=cond.pooled, return_dict=False,
+            hidden_states=latents,
+            timestep=timestep.expand(b),
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled,
+            return_dict=False,
         )[0]
     model_in = torch.cat([latents, latents])
     out = transformer(

@@ -43,7 +43,9 @@ class RewardModel(abc.ABC):
         """Raises InvalidArgument naming ``where[i]`` when ``prompts[i]`` cannot be scored.
 
         Called before a request is queued, so one bad request never fails a merged batch.
+        The default accepts every prompt.
         """
+        return None
 
     @abc.abstractmethod
     def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
@@ -57,7 +59,8 @@ class RewardModel(abc.ABC):
             raise RuntimeError(f"model {self.name}: warm-up returned {out!r}")
 
     def close(self) -> None:
-        """Releases resources (threads, sessions)."""
+        """Releases resources (threads, sessions); by default there are none."""
+        return None
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges for /metrics, e.g. ``feature_cache_hits`` (see ServerMetrics).

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advgrpo.reward_server.config import TINY, DinoParams
 from advgrpo.common.errors import InvalidArgument
 from advgrpo.common.optimizer_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 from advgrpo.kernels import patch_hinge_loss, patch_score
-
+from advgrpo.reward_server.config import TINY, DinoParams
 from advgrpo.reward_server.feature_cache import FeatureCache
 from advgrpo.reward_server.models.base import (
     Image,
@@ -208,9 +207,7 @@ class DinoDiscriminator(TrainableRewardModel):
         self.head = build_head(self.dim, params.head_hidden, params.seed).to(self.device)
         # fused: one kernel for all head tensors (CPU and CUDA); the head is small, so per-tensor
         # dispatch is most of an optimizer step on cached features.
-        self.optimizer = torch.optim.Adam(
-            self.head.parameters(), lr=params.lr, betas=tuple(params.betas), fused=True
-        )
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=params.lr, betas=tuple(params.betas), fused=True)
         self._trainable = list(self.head.parameters())
         self._mean = torch.tensor(params.image_mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(params.image_std, dtype=torch.float32, device=self.device).view(3, 1, 1)
@@ -250,12 +247,12 @@ class DinoDiscriminator(TrainableRewardModel):
             keys = [content_digest(img) for img in images]
         found = [self._lookup(key, pools) for key in keys]
         todo: dict[bytes, int] = {}  # missing key -> index of its first image
-        for i, (key, tokens) in enumerate(zip(keys, found)):
+        for i, (key, tokens) in enumerate(zip(keys, found, strict=True)):
             if tokens is None:
                 todo.setdefault(key, i)
         if todo:
-            computed = dict(zip(todo, self._backbone_features([images[i] for i in todo.values()])))
-            found = [computed[key] if tokens is None else tokens for key, tokens in zip(keys, found)]
+            computed = dict(zip(todo, self._backbone_features([images[i] for i in todo.values()]), strict=True))
+            found = [computed[key] if tokens is None else tokens for key, tokens in zip(keys, found, strict=True)]
             target = {"reference": self.feature_cache, "recent": self.recent_cache}.get(insert or "")
             if target is not None:
                 for key, tokens in computed.items():
@@ -297,9 +294,9 @@ class DinoDiscriminator(TrainableRewardModel):
         batch, never for Score (see ``advgrpo.kernels.patch_score``)."""
         index = sample_patch_index(seeds, self.n_patches, self.k, self.device)
         weights = self._head_weights()
-        return patch_score(
-            tokens, index, *weights, cls_weight=self.params.cls_weight, batch_invariant=batch_invariant
-        )[2]
+        return patch_score(tokens, index, *weights, cls_weight=self.params.cls_weight, batch_invariant=batch_invariant)[
+            2
+        ]
 
     def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         first, last = self.head[0], self.head[2]
@@ -352,8 +349,7 @@ class DinoDiscriminator(TrainableRewardModel):
         for step in range(steps):
             # Fresh patches per step, yet deterministic: seeded by content, version and step.
             index = sample_patch_index(mix_seeds(seeds, self.version, step), self.n_patches, self.k, self.device)
-            loss = patch_hinge_loss(tokens, index, target, *self._head_weights(),
-                                    patch_loss_weight=p.patch_loss_weight)
+            loss = patch_hinge_loss(tokens, index, target, *self._head_weights(), patch_loss_weight=p.patch_loss_weight)
             for param in self._trainable:  # Optimizer.zero_grad's profiler hooks cost more than this
                 param.grad = None
             loss.backward()

@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from advgrpo.reward_server.config import OcrParams
 from advgrpo.common.errors import ConfigError, InvalidArgument
+from advgrpo.reward_server.config import OcrParams
 from advgrpo.reward_server.models.base import Image, RewardModel
 
 # Images thinner than 1:MAX_ASPECT are padded (see pad_thin) before they reach RapidOCR.
@@ -103,7 +103,7 @@ class OcrReward(RewardModel):
         )
 
     def validate(self, prompts: Sequence[str], where: Sequence[str]) -> None:
-        for prompt, w in zip(prompts, where):
+        for prompt, w in zip(prompts, where, strict=True):
             if ocr_target(prompt) is None:
                 raise InvalidArgument(f"{w}: prompt has no quoted text for the ocr reward: {prompt!r}")
 
@@ -121,7 +121,7 @@ class OcrReward(RewardModel):
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         rewards = np.empty(len(images), dtype=np.float32)
-        for i, (image, prompt) in enumerate(zip(images, prompts)):
+        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
             target = ocr_target(prompt)
             if target is None:  # validate() keeps these out; a direct caller gets a clear error
                 raise InvalidArgument(f"prompt has no quoted text for the ocr reward: {prompt!r}")

@@ -18,11 +18,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
-from advgrpo.reward_server.config import TINY, PickScoreParams
 from advgrpo.common.errors import ConfigError, FailedPrecondition, InvalidArgument
 from advgrpo.common.optimizer_state import optimizer_state_from_tensors, optimizer_state_to_tensors
-from advgrpo.reward_server.models.base import Image, TrainableRewardModel, UpdateResult
-from advgrpo.reward_server.models.base import check_images, check_prompts, resolve_device
+from advgrpo.reward_server.config import TINY, PickScoreParams
+from advgrpo.reward_server.models.base import (
+    Image,
+    TrainableRewardModel,
+    UpdateResult,
+    check_images,
+    check_prompts,
+    resolve_device,
+)
 
 __all__ = ["PickScoreModel", "pair_mask", "pairwise_accuracy", "pairwise_logistic_loss"]
 
@@ -39,9 +45,9 @@ _MAX_TEXT_LEN = 77  # CLIP's context length
 
 def pair_mask(reference_prompts: Sequence[str], generated_prompts: Sequence[str]) -> torch.Tensor:
     """[R, G] bool: True where reference r and generation g share a prompt."""
-    return torch.tensor(
-        [[r == g for g in generated_prompts] for r in reference_prompts], dtype=torch.bool
-    ).reshape(len(reference_prompts), len(generated_prompts))
+    return torch.tensor([[r == g for g in generated_prompts] for r in reference_prompts], dtype=torch.bool).reshape(
+        len(reference_prompts), len(generated_prompts)
+    )
 
 
 def pairwise_logistic_loss(s_ref: torch.Tensor, s_gen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -235,7 +241,9 @@ class PickScoreModel(TrainableRewardModel):
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         # The trained blocks' weights (+ optimizer when trainable); clones, because an export is
         # also the rollback snapshot of an update that changes these tensors in place.
-        tensors = {_PARAM_PREFIX + n: p.detach().clone() for n, p in zip(self._state_names, self._state_params)}
+        tensors = {
+            _PARAM_PREFIX + n: p.detach().clone() for n, p in zip(self._state_names, self._state_params, strict=True)
+        }
         metadata = {_FINGERPRINT_META: self.fingerprint()}
         if self.optimizer is not None:
             optim_tensors, groups = optimizer_state_to_tensors(self.optimizer, prefix=_OPTIM_PREFIX)
@@ -247,7 +255,7 @@ class PickScoreModel(TrainableRewardModel):
         fp = metadata.get(_FINGERPRINT_META)
         if fp is not None and fp != self.fingerprint():
             raise ValueError(f"model {self.name}: state is for {fp!r}, this model is {self.fingerprint()!r}")
-        for n, p in zip(self._state_names, self._state_params):
+        for n, p in zip(self._state_names, self._state_params, strict=True):
             got = tensors.get(_PARAM_PREFIX + n)
             if got is None or tuple(got.shape) != tuple(p.shape):
                 shape = None if got is None else tuple(got.shape)
@@ -255,7 +263,7 @@ class PickScoreModel(TrainableRewardModel):
                     f"model {self.name}: state tensor {_PARAM_PREFIX + n} is {shape}, expected {tuple(p.shape)}"
                 )
         with torch.no_grad():  # in place: the optimizer holds references to these parameters
-            for n, p in zip(self._state_names, self._state_params):
+            for n, p in zip(self._state_names, self._state_params, strict=True):
                 p.copy_(tensors[_PARAM_PREFIX + n])
         if self.optimizer is None:
             return  # a frozen model serves trained weights; optimizer state is irrelevant

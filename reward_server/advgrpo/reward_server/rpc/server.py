@@ -9,15 +9,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-
-from advgrpo.reward_server.config import address as listen_address
 from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.config import address as listen_address
 from advgrpo.reward_server.host import ModelHost
 from advgrpo.reward_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from advgrpo.reward_server.rpc.servicer import SERVICE as SERVICE_NAME
 from advgrpo.reward_server.rpc.servicer import RewardServicer
-
-
 
 
 class GrpcFrontend:

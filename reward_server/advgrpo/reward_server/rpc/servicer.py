@@ -12,12 +12,11 @@ from typing import AsyncIterator
 
 import grpc
 
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-
 from advgrpo.common import shared_memory
-from advgrpo.reward_server import convert, wire
 from advgrpo.common.errors import RewardError
 from advgrpo.common.protocol import STREAM_OPEN_KEY
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
+from advgrpo.reward_server import convert, wire
 from advgrpo.reward_server.host import ModelHost
 
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name

@@ -32,11 +32,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from advgrpo.common.errors import RewardError
 from advgrpo.reward.v1 import reward_pb2
+from advgrpo.reward_server.host import Event, ModelHost
 
 from .. import convert
-from advgrpo.common.errors import RewardError
-from advgrpo.reward_server.host import Event, ModelHost
 
 log = logging.getLogger(__name__)
 
