@@ -3,24 +3,21 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip
-# Every install unit, editable (one source root each, all under the advgrpo. namespace).
-UNITS := -e ./protos -e "./common[config,torch]" -e ./client -e "./kernels[triton]" -e ./reward_server -e ./trainer
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
 PROTO_SRC := protos/advgrpo/reward/v1/reward.proto
 PROTO_OUT := protos/advgrpo/reward/v1/reward_pb2.py
+UNIT_FILES := $(wildcard */pyproject.toml) protos/setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all venv proto demo test test-fast sysdeps bench clean
+.PHONY: all venv proto demo test test-fast test-latest lock sysdeps bench clean
 
 all: venv proto
 
-# The virtualenv is rebuilt when the project's requirements change.
-$(STAMP): constraints.txt requirements/dev.in */pyproject.toml protos/setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt $(UNITS) -r requirements/dev.in
+# The virtualenv holds exactly the locked set (requirements/lock.txt, hashes checked), torch from
+# the machine's own wheel, and every unit editable; it is rebuilt when any of those change.
+$(STAMP): requirements/lock.txt requirements/bootstrap.txt constraints.txt $(UNIT_FILES) scripts/setup-venv.sh
+	PYTHON=$(PYTHON) bash scripts/setup-venv.sh $(VENV) locked
 	touch $@
 
 venv: $(STAMP)
@@ -30,6 +27,11 @@ $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
 		--grpc_python_out=protos $(PROTO_SRC)
 
 proto: $(PROTO_OUT)
+
+# Refresh requirements/lock.txt from the units' ranges and requirements/*.in (keeps current pins
+# where they still fit; `make lock LOCK_ARGS=--upgrade` takes the newest).
+lock: venv
+	$(PY) scripts/lock.py $(LOCK_ARGS)
 
 # System packages the browser test needs (headless Chromium for the dashboard).
 sysdeps:
@@ -46,6 +48,12 @@ test: venv proto sysdeps
 test-fast: venv proto
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The whole suite against the newest releases the ranges allow (a separate virtualenv), so that
+# the next upstream break is found on purpose, not by a user.
+test-latest: sysdeps
+	PYTHON=$(PYTHON) bash scripts/setup-venv.sh $(LATEST) latest
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
+
 # Reward server, feature cache and trainer on this machine; the kernel benchmark needs a CUDA GPU.
 bench: venv proto
 	$(PY) -m bench.run_all
@@ -54,4 +62,4 @@ bench: venv proto
 	@echo "GPU kernel benchmark (needs CUDA): $(PY) -m bench.kernels"
 
 clean:
-	rm -rf $(VENV) protos/advgrpo/reward/v1/*_pb2*.py protos/advgrpo/reward/v1/*_pb2*.pyi
+	rm -rf $(VENV) $(LATEST) protos/advgrpo/reward/v1/*_pb2*.py protos/advgrpo/reward/v1/*_pb2*.pyi

@@ -28,8 +28,11 @@ class ServerProcess:
         log_level: str | None = None,
         log_file: Path | None = None,
         timeout_s: float = 120.0,
+        command: Sequence[str] | None = None,
     ):
-        cmd = [sys.executable, "-m", "advgrpo.reward_server", "--port", "0"]
+        """``command``: what starts the server (default: this interpreter's ``-m advgrpo.reward_server``;
+        e.g. another environment's ``advgrpo-reward-server``); ports and ``args`` are appended."""
+        cmd = [*(command or [sys.executable, "-m", "advgrpo.reward_server"]), "--port", "0"]
         cmd += ["--http-port", "0"] if http else ["--no-http"]
         if log_level:
             cmd += ["--log-level", log_level]

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from advgrpo.common.library_noise import quiet_torchvision_fallback
+
+    quiet_torchvision_fallback()  # before transformers' image processors load
     from advgrpo.reward_server.server import run  # imports torch & friends: after argument errors are out of the way
 
     try:

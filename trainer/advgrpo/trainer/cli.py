@@ -129,7 +129,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
     prompts = [p for p in args.prompt for _ in range(args.n)]
-    images = generate_images(pipe, prompts, settings, seed=settings["seed"])
+    images = generate_images(pipe, prompts, settings, seed=settings["seed"], progress=True)
     from PIL import Image
 
     for i, img in enumerate(images):

@@ -173,6 +173,13 @@ class AdvGrpoTrainer:
             self.pipe, device=self.device, max_sequence_length=cfg.model.max_sequence_length
         )
         self.neg_embeds, self.neg_pooled = neg
+        cut = sd3.truncated_prompts(self.pipe, self.prompts, cfg.model.max_sequence_length)
+        if cut and self.is_main:
+            log.info(
+                "%d of %d prompts are longer than model.max_sequence_length=%d T5 tokens; the text encoder "
+                "sees their first %d tokens (e.g. %r)",
+                len(cut), len(self.prompts), cfg.model.max_sequence_length, cfg.model.max_sequence_length, cut[0],
+            )  # fmt: skip
 
     def _conditioning(self, prompts: list[str]) -> Conditioning:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
@@ -519,10 +526,14 @@ def generation_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def generate_images(pipe, prompts: list[str], cfg_or_settings, *, seed: int) -> list[np.ndarray]:
+def generate_images(
+    pipe, prompts: list[str], cfg_or_settings, *, seed: int, progress: bool = False
+) -> list[np.ndarray]:
     """Deterministic (ODE) images, one seeded generator per image: the trainer's eval and
-    advgrpo-generate call this same function, so they produce the same pixels."""
+    advgrpo-generate call this same function, so they produce the same pixels. ``progress``:
+    diffusers' per-step bar (the trainer's eval keeps it off: the epoch bar is the progress)."""
     s = cfg_or_settings if isinstance(cfg_or_settings, dict) else generation_settings(cfg_or_settings)
+    pipe.set_progress_bar_config(disable=not progress)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     out = pipe(
         prompt=list(prompts),

@@ -10,11 +10,18 @@ copy of the weights is kept. LoRA checkpoints are written in diffusers' own form
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from advgrpo.common import library_noise
+
+# Before diffusers imports transformers' image processors (SD3's SigLIP feature extractor).
+library_noise.quiet_torchvision_fallback()
+library_noise.drop(*library_noise.T5_TRUNCATION)
 
 import torch
 from diffusers import (
@@ -26,7 +33,13 @@ from diffusers import (
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from advgrpo.common.errors import ConfigError
 from advgrpo.common.tiny_models import tiny_clip_tokenizer
@@ -34,6 +47,8 @@ from advgrpo.common.tiny_models import tiny_clip_tokenizer
 # Flow-GRPO's targets: both streams of every joint-attention block. Suffix matches, so the SD3.5
 # dual-attention ``attn2`` (image-only self-attention) stays frozen, as in the original.
 from advgrpo.trainer.config import LORA_TARGETS
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LORA_TARGETS",
@@ -45,6 +60,7 @@ __all__ = [
     "decode_latents",
     "encode_negative_prompt",
     "encode_prompts",
+    "truncated_prompts",
     "load_lora",
     "load_sd3_pipeline",
     "lora_disabled",
@@ -371,6 +387,18 @@ def encode_prompts(
         max_sequence_length=max_sequence_length,
     )
     return embeds, pooled
+
+
+def truncated_prompts(
+    pipeline: StableDiffusion3Pipeline, prompts: Sequence[str], max_sequence_length: int
+) -> list[str]:
+    """The prompts longer than ``max_sequence_length`` T5 tokens: the text encoder sees only their
+    first ``max_sequence_length`` tokens (as in Flow-GRPO and Adv-GRPO)."""
+    tokenizer = pipeline.tokenizer_3
+    if tokenizer is None:
+        return []
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True).input_ids]
+    return [p for p, n in zip(prompts, lengths, strict=True) if n > max_sequence_length]
 
 
 def encode_negative_prompt(
