@@ -15,7 +15,7 @@ units=(-e ./protos -e "./common[config,torch]" -e ./client -e "./kernels[triton]
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 py="$venv/bin/python"
 # uv itself, pinned with hashes, from the package registry
-"$py" -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/bootstrap.txt
+"$py" -m pip install -qq --disable-pip-version-check --require-hashes --no-deps -r requirements/bootstrap.txt
 uv=("$venv/bin/uv" pip)
 
 case "$mode" in
@@ -29,7 +29,7 @@ esac
 
 # Everything but torch and our units: exact versions, every file's hash checked.
 "${uv[@]}" install -q --python "$py" --require-hashes --no-deps -r "$lock"
-"$py" -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt torch==2.13.0
+"$py" -m pip install -qq --disable-pip-version-check --no-deps -c constraints.txt torch==2.13.0
 # Our units, built with the setuptools and grpcio-tools the lock just installed.
 "${uv[@]}" install -q --python "$py" --no-deps --no-build-isolation "${units[@]}"
 "${uv[@]}" check --python "$py"
