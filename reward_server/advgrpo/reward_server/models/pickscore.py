@@ -136,15 +136,30 @@ class PickScoreModel(TrainableRewardModel):
         tok = self.tokenizer(
             unique, padding="max_length", truncation=True, max_length=self._text_len, return_tensors="pt"
         ).to(self.device)
-        emb = self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-        emb = F.normalize(emb.pooler_output, dim=-1)
+
+        def encode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return F.normalize(self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+
+        emb = self._batch_invariant(encode, tok["input_ids"], tok["attention_mask"])
         row = {p: i for i, p in enumerate(unique)}
         return emb[torch.tensor([row[p] for p in prompts], device=self.device)]
 
     @torch.no_grad()
     def _image_embeddings(self, images: Sequence[Image]) -> torch.Tensor:
-        emb = self.model.get_image_features(pixel_values=self._pixels(images)).pooler_output
-        return F.normalize(emb, dim=-1)
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+
+        return self._batch_invariant(encode, self._pixels(images))
+
+    def _batch_invariant(self, fn, *rows: torch.Tensor) -> torch.Tensor:
+        """``fn`` over the rows of ``rows``, such that a row's result does not depend on the rows
+        beside it. On the CPU each row runs alone: BLAS picks its kernels (and so its summation
+        order) by a product's row count and by its operands' alignment, so a batched forward
+        gives an image other last bits in another batch (the scoring path promises the same
+        bits whatever batch the batcher merged it into). Elsewhere, one batched call."""
+        if self.device.type != "cpu":
+            return fn(*rows)
+        return torch.cat([fn(*(r[i : i + 1].clone() for r in rows)) for i in range(rows[0].shape[0])])
 
     @torch.no_grad()
     def _vision_prefix(self, images: Sequence[Image]) -> torch.Tensor:
