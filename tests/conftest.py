@@ -27,6 +27,22 @@ def start_server():
         s.stop()
 
 
+@pytest.fixture(scope="session")
+def image_env(tmp_path_factory):
+    """image_env("reward-server" | "trainer") -> ImageEnv: a bare environment holding the wheels that
+    image's Dockerfile builds from its build context (built once per session)."""
+    from .docker_helpers import build_image_env
+
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_image_env(name, tmp_path_factory.mktemp(f"image-{name}"))
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
     """One tiny-preset server per test module (with a state dir)."""

@@ -4,33 +4,19 @@ the files are validated, and the server command they run is run locally)."""
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", path.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            op, _, rest = line.partition(" ")
-            out.append((op.upper(), rest.strip()))
-    return out
+from .docker_helpers import DOCKERFILES, REPO, Dockerfile, dockerfile_instructions, load_compose
 
 
 def test_compose_services_build_from_files_that_exist():
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    compose = load_compose()
     server = compose["services"]["reward-server"]
     build = server["build"]
     assert (REPO / build["context"] / build["dockerfile"]).is_file()
@@ -63,50 +49,17 @@ def test_reward_server_dockerfile_copies_existing_paths_and_runs_a_valid_command
     assert config["server"]["state_dir"] == "/state" and set(config["models"]) == {"dino", "pickscore", "ocr"}
 
 
-def _dockerfile_copy_sources() -> list[str]:
-    sources = []
-    for op, rest in dockerfile_instructions(REPO / "docker/reward-server.Dockerfile"):
-        if op == "COPY":
-            sources += rest.split()[:-1]
-    return sources
-
-
-def _dockerfile_installed_units() -> list[str]:
-    """The unit folders the Dockerfile's `pip install ./a ./b[extra] ...` installs."""
-    for op, rest in dockerfile_instructions(REPO / "docker/reward-server.Dockerfile"):
-        if op == "RUN" and "pip install ./" in rest:
-            return [w[2:].split("[")[0] for w in rest.split() if w.startswith("./")]
-    raise AssertionError("no `pip install ./...` in the Dockerfile")
-
-
 @pytest.mark.slow
-def test_the_docker_images_files_build_a_server_that_starts(tmp_path):
-    """The image is built from the files its Dockerfile copies (and nothing the checkout generated):
-    those, as git has them, must build a wheel (setup.py generating the gRPC modules) whose server
-    starts on the tiny preset, with every model, in an environment that has only that wheel
-    and the dependencies."""
-    src = tmp_path / "src"
-    tracked = (
-        subprocess.run(
-            ["git", "ls-files", "-z", "--", *_dockerfile_copy_sources()], cwd=REPO, capture_output=True, check=True
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for rel in filter(None, tracked):
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, src / rel)
-    assert not list(src.rglob("*_pb2.py")), "generated modules must come from the build, not the checkout"
-    wheels = tmp_path / "wheels"
-    units = _dockerfile_installed_units()
+def test_the_docker_images_files_build_a_server_that_starts(image_env, tmp_path):
+    """The image is built from the files its Dockerfile copies (its build context, as .dockerignore
+    leaves it: nothing the checkout generated): those must build wheels (setup.py generating the
+    gRPC modules) whose server starts on the tiny preset, with every model, in an environment that
+    has only those wheels and the dependencies."""
+    units = Dockerfile.parse(DOCKERFILES["reward-server"]).installed_units()
     assert {"protos", "common", "client", "kernels", "reward_server"} <= set(units), units
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-         *(str(src / u) for u in units)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    env = image_env("reward-server")
     names = set()
-    for wheel in wheels.glob("advgrpo_*.whl"):
+    for wheel in env.wheels:
         with zipfile.ZipFile(wheel) as z:
             names |= set(z.namelist())
     assert {
@@ -115,20 +68,14 @@ def test_the_docker_images_files_build_a_server_that_starts(tmp_path):
         "advgrpo/kernels/__init__.py",
     } <= names
     assert not any(n.startswith("advgrpo/__init__") for n in names), "advgrpo/ is a namespace package"
+    assert env.console_scripts()["advgrpo-reward-server"] == "advgrpo.reward_server.cli:main"
 
-    # A bare environment: the wheel unpacked in its site-packages, the dependencies reached through a
-    # plain path entry (which, unlike our .venv's own site dir, does not run the checkout's editable hook).
-    env_dir = tmp_path / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
-    (site,) = env_dir.glob("lib/python*/site-packages")
-    for wheel in wheels.glob("advgrpo_*.whl"):
-        with zipfile.ZipFile(wheel) as z:
-            z.extractall(site)
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    python = env_dir / "bin" / "python"
+    # A bare environment: the wheels unpacked in its site-packages, the dependencies reached through
+    # a plain path entry (which, unlike our .venv's own site dir, does not run the checkout's
+    # editable hook), and no PYTHONPATH into the checkout.
     proc = subprocess.Popen(
-        [str(python), "-m", "advgrpo.reward_server", "--preset", "tiny", "--port", "0", "--no-http"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [str(env.python), "-m", "advgrpo.reward_server", "--preset", "tiny", "--port", "0", "--no-http"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env.env(),
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
@@ -139,10 +86,32 @@ def test_the_docker_images_files_build_a_server_that_starts(tmp_path):
         proc.terminate()
         proc.wait(timeout=60)
     where = subprocess.run(
-        [str(python), "-c", "import advgrpo.reward_server, advgrpo.reward.v1.reward_pb2 as pb; print(advgrpo.reward_server.__file__, pb.__file__)"],
-        cwd=tmp_path, capture_output=True, text=True, check=True,
+        [str(env.python), "-c", "import advgrpo.reward_server, advgrpo.reward.v1.reward_pb2 as pb; print(advgrpo.reward_server.__file__, pb.__file__)"],
+        cwd=tmp_path, capture_output=True, text=True, check=True, env=env.env(),
     ).stdout.split()  # fmt: skip
-    assert all(Path(f).is_relative_to(site) for f in where), where
+    assert all(Path(f).is_relative_to(env.site) for f in where), where
+
+
+@pytest.mark.slow
+def test_the_trainer_images_files_build_a_trainer_without_the_server(image_env, tmp_path):
+    env = image_env("trainer")
+    assert {w.name.split("-")[0] for w in env.wheels} == {
+        "advgrpo_protos",
+        "advgrpo_common",
+        "advgrpo_client",
+        "advgrpo_trainer",
+    }
+    assert {"advgrpo-train", "advgrpo-generate"} <= set(env.console_scripts())
+    code = (
+        "import importlib.util, advgrpo.trainer.loop, advgrpo.trainer.healthcheck as h, advgrpo.reward.v1.reward_pb2;"
+        "print(h.__file__, importlib.util.find_spec('advgrpo.reward_server'))"
+    )
+    out = subprocess.run(
+        [str(env.python), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env.env()
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    where, spec = out.stdout.split()
+    assert Path(where).is_relative_to(env.site) and spec == "None", out.stdout
 
 
 def test_the_client_imports_without_the_server_extras():

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from advgrpo.common.errors import ConfigError
-from advgrpo.trainer.config import PRESETS, dump_train_config, load_train_config
+from advgrpo.trainer import healthcheck
+from advgrpo.trainer.config import PRESETS, TrainConfig, dump_train_config, load_train_config
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -55,25 +57,43 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.preset is None and args.config is None:
         print("advgrpo-train: give --preset and/or --config", file=sys.stderr)
         return 2
+    if not args.print_config:
+        healthcheck.start_from_env()  # $ADVGRPO_HEARTBEAT_FILE: what the image's HEALTHCHECK reads
+    status, error = "failed", None
     try:
         cfg = load_train_config(args.preset, args.config, args.sets, overrides)
         if args.print_config:
             yaml.safe_dump(dump_train_config(cfg), sys.stdout, sort_keys=False)
             return 0
+        token_from_env(cfg)
         from advgrpo.trainer.loop import AdvGrpoTrainer  # heavy imports after the config is known to be good
 
         trainer = AdvGrpoTrainer(cfg, resume=args.resume)
         trainer.run()
+        status = "finished"
     except ConfigError as exc:
+        error = str(exc)
         print(f"advgrpo-train: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        status = "interrupted"
         return 130
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        healthcheck.stop(status, error)
     print(
         f"run finished: metrics in {cfg.run.output_dir / 'metrics.jsonl'}, checkpoints in "
         f"{cfg.run.output_dir / 'checkpoints'}, samples in {cfg.run.output_dir / 'samples'}"
     )
     return 0
+
+
+def token_from_env(cfg: TrainConfig) -> None:
+    """``reward.token`` defaults to ``$ADVGRPO_AUTH_TOKEN``, the variable the reward server reads."""
+    if cfg.reward.token is None:
+        cfg.reward.token = os.environ.get("ADVGRPO_AUTH_TOKEN") or None
 
 
 def generate_parser() -> argparse.ArgumentParser:

@@ -4,10 +4,17 @@ Starts the reward server (tiny preset: tiny DINOv2/CLIP in memory + real OCR), w
 synthetic reference set, runs Adv-GRPO epochs of the tiny SD3 preset against the server (the
 DINO discriminator trains every other epoch, the generator in between), writes metrics, sample
 grids and a checkpoint, stops the server and says where everything is.
+
+``--server HOST:PORT`` runs the same epochs against a reward server that is already running
+(the compose stack's trainer service: ``python -m advgrpo.trainer.demo --server reward-server:50051``);
+it must serve a trainable ``dino`` (the server's tiny preset does). The token is
+``$ADVGRPO_AUTH_TOKEN``, as for the server.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -23,11 +30,54 @@ DEMO_PROMPTS = [
 ]
 
 
-def main() -> int:
-    out = Path(os.environ.get("DEMO_OUTPUT", "demo-output")).resolve()
-    epochs = int(os.environ.get("DEMO_EPOCHS", "12"))
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m advgrpo.trainer.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--server", help="reward server HOST:PORT to train against (default: start a tiny one, stopped at the end)"
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path(os.environ.get("DEMO_OUTPUT", "demo-output")),
+        help="emptied, then references/, run/ (default $DEMO_OUTPUT or demo-output)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=int(os.environ.get("DEMO_EPOCHS", "12")), help="default $DEMO_EPOCHS or 12"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from advgrpo.trainer import healthcheck
+
+    healthcheck.start_from_env()
+    status, error = "failed", None
+    try:
+        code = _run(args)
+        status = "finished" if code == 0 else "failed"
+        return code
+    except KeyboardInterrupt:
+        status = "interrupted"
+        return 130
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        healthcheck.stop(status, error)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = args.output_dir.resolve()
+    epochs = args.epochs
+    # Emptied rather than removed: it may be a mount point (the compose stack's outputs volume).
+    if out.is_dir():
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     from advgrpo.trainer.references import write_synthetic_references
 
     refs = write_synthetic_references(out / "references", DEMO_PROMPTS, per_prompt=4)
@@ -36,25 +86,38 @@ def main() -> int:
     t0 = time.perf_counter()
     from advgrpo.common.process import ServerProcess
 
-    try:
-        server = ServerProcess(["--preset", "tiny", "--state-dir", str(out / "reward-state")], log_file=server_log)
-    except RuntimeError:
-        print(f"reward server failed to start; see {server_log}", file=sys.stderr)
-        return 1
-    with server:
+    if args.server:
+        server = contextlib.nullcontext()
+        target = args.server
+        print(f"reward server: gRPC {target} (already running)")
+    else:
+        try:
+            server = ServerProcess(["--preset", "tiny", "--state-dir", str(out / "reward-state")], log_file=server_log)
+        except RuntimeError:
+            print(f"reward server failed to start; see {server_log}", file=sys.stderr)
+            return 1
+        target = server.target
         print(f"reward server: gRPC {server.target}, dashboard {server.http}/dashboard")
+    with server:
+        from advgrpo.common.errors import ConfigError
+        from advgrpo.trainer.cli import token_from_env
         from advgrpo.trainer.config import load_train_config
         from advgrpo.trainer.loop import AdvGrpoTrainer
 
         cfg = load_train_config(
             "tiny",
             overrides={
-                "reward": {"server": server.target},
+                "reward": {"server": target},
                 "adversarial": {"references": str(refs)},
                 "run": {"output_dir": str(out / "run"), "epochs": epochs, "eval_every": 2, "save_every": 0},
             },
         )
-        AdvGrpoTrainer(cfg).run()
+        token_from_env(cfg)
+        try:
+            AdvGrpoTrainer(cfg).run()
+        except ConfigError as exc:
+            print(f"demo: {exc}", file=sys.stderr)
+            return 2
     run = out / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs_done = [r for r in records if "reward_mean" in r]
@@ -77,7 +140,8 @@ def main() -> int:
     print(f"metrics:     {run / 'metrics.jsonl'}")
     print(f"samples:     {grids[-1] if grids else '-'}")
     print(f"checkpoint:  {run / 'checkpoints'} (LoRA in diffusers format under lora/)")
-    print(f"server log:  {server_log} (the server has been stopped)")
+    if not args.server:
+        print(f"server log:  {server_log} (the server has been stopped)")
     return 0
 
 

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 
 from advgrpo.client import Group, RetryPolicy, RewardClient
 from advgrpo.common.errors import ConfigError
+from advgrpo.trainer import healthcheck
 from advgrpo.trainer.checkpoint import TrainerState, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from advgrpo.trainer.config import TrainConfig, dump_train_config
 from advgrpo.trainer.ema import EMA
@@ -94,6 +95,7 @@ class AdvGrpoTrainer:
         self.reward_log = JsonlWriter(self.out / f"rewards-rank{self.rank}.jsonl")
         if resume is not None:
             self._resume(resume)
+        healthcheck.progress("ready", epoch=self.state.epoch)
 
     # ------------------------------------------------------------------ setup
 
@@ -247,6 +249,7 @@ class AdvGrpoTrainer:
                 self._submitted.append([b * s.batch_size + j for j in idx])
             trajectories.append(traj)
             images.extend(batch_images)
+            healthcheck.progress("sampling", epoch=epoch, batch=b)
         return EpochSamples(torch.tensor(ids), trajectories, images)
 
     def run(self) -> None:
@@ -261,8 +264,10 @@ class AdvGrpoTrainer:
             last = epoch == cfg.run.epochs - 1
             if cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0 or last:
                 self.evaluate(epoch)
+                healthcheck.progress("evaluated", epoch=epoch)
             if cfg.run.save_every and (epoch + 1) % cfg.run.save_every == 0 or last:
                 self.save(epoch + 1)
+                healthcheck.progress("saved", epoch=epoch)
         self.metrics.close()
         self.reward_log.close()
         self._ref_pool.shutdown()
@@ -339,6 +344,7 @@ class AdvGrpoTrainer:
         )
         self.state.epoch = epoch + 1
         self.metrics.write(self.state.global_step, metrics)
+        healthcheck.progress("epoch done", epoch=epoch)
         return metrics
 
     def _score_references(self, epoch: int) -> tuple[list[Group], float | None]:
@@ -441,6 +447,7 @@ class AdvGrpoTrainer:
                 self.state.global_step += 1
                 if self.ema is not None:
                     self.ema.step(self.state.global_step)
+                healthcheck.progress("training", epoch=epoch, step=self.state.global_step)
         self.transformer.eval()
         out = {f"train_{k}": float(np.mean(v)) for k, v in stats.items() if v}
         out["train_grad_norm"] = float(grad_norm)

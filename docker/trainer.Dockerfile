@@ -1,0 +1,35 @@
+# The trainer: advgrpo-train, advgrpo-generate, the tiny demo (python -m advgrpo.trainer.demo) and
+# the accelerate launch configs (/app/trainer/accelerate/). It talks to a reward server over gRPC
+# and installs no server code. CPU by default; for CUDA build with
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# Every dependency but torch is pinned, with its hashes, by requirements/lock.txt.
+FROM python:3.11-slim
+
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+ARG UV_VERSION="0.13.9"
+
+# The trainer writes ADVGRPO_HEARTBEAT_FILE every few seconds; the HEALTHCHECK reads it.
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_NO_CACHE=1 \
+    HF_HOME=/hf-cache ADVGRPO_HEARTBEAT_FILE=/tmp/advgrpo/heartbeat.json
+
+WORKDIR /app
+RUN pip install "uv==${UV_VERSION}" && pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
+COPY requirements/lock.txt ./requirements/lock.txt
+COPY protos ./protos
+COPY common ./common
+COPY client ./client
+COPY trainer ./trainer
+RUN uv pip install --system -c requirements/lock.txt --build-constraint requirements/lock.txt \
+        ./protos "./common[config,torch]" ./client ./trainer \
+    && useradd --create-home --uid 1000 trainer && mkdir -p /outputs /hf-cache && chown trainer /outputs /hf-cache
+
+USER trainer
+VOLUME ["/outputs"]
+# Unhealthy when the trainer is gone or stopped, its heartbeat is stale (frozen), or its loop has
+# made no progress for $ADVGRPO_HEALTH_MAX_STALL_S (default 30 min; $ADVGRPO_HEALTH_MAX_START_S,
+# default 1 h, while it loads the model). See advgrpo/trainer/healthcheck.py.
+HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "advgrpo.trainer.healthcheck"]
+ENTRYPOINT ["advgrpo-train"]
+CMD ["--help"]

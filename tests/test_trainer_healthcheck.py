@@ -1,0 +1,73 @@
+"""The trainer's heartbeat and the check the trainer image's HEALTHCHECK runs: each way it can fail."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from advgrpo.trainer import healthcheck
+from advgrpo.trainer.healthcheck import Heartbeat, check
+
+from .conftest import REPO
+
+
+def write(path, **fields):
+    now = time.time()
+    beat = {"pid": os.getpid(), "status": "running", "phase": "sampling", "time": now, "progress_time": now}
+    path.write_text(json.dumps({**beat, **fields}))
+    return path
+
+
+def test_a_running_trainers_heartbeat_is_kept_fresh_and_records_progress(tmp_path):
+    beat = Heartbeat(tmp_path / "hb" / "heartbeat.json", interval_s=0.05).start()
+    try:
+        first = json.loads(beat.path.read_text())
+        assert first["phase"] == "starting" and first["pid"] == os.getpid()
+        beat.progress("sampling", epoch=3, batch=1)
+        time.sleep(0.3)
+        now = json.loads(beat.path.read_text())
+        assert now["time"] > first["time"] and now["epoch"] == 3 and now["phase"] == "sampling"
+        ok, message = check(beat.path, max_age_s=5)
+        assert ok and "epoch 3" in message, message
+    finally:
+        beat.stop("finished")
+    ok, message = check(beat.path)
+    assert not ok and "trainer finished" in message
+    assert not list(beat.path.parent.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_each_unhealthy_state_is_reported(tmp_path):
+    hb = tmp_path / "heartbeat.json"
+    ok, msg = check(hb)
+    assert not ok and "no heartbeat" in msg
+    hb.write_text("{not json")
+    assert not check(hb)[0] and "unreadable" in check(hb)[1]
+    assert check(write(hb))[0]
+    assert "old" in check(write(hb, time=time.time() - 120), max_age_s=30)[1]
+    ok, msg = check(write(hb, progress_time=time.time() - 100), max_stall_s=60)
+    assert not ok and "no progress for" in msg
+    # Starting (loading the model, connecting) has its own, longer, limit.
+    assert check(write(hb, phase="starting", progress_time=time.time() - 100), max_stall_s=60, max_start_s=600)[0]
+    assert not check(write(hb, phase="starting", progress_time=time.time() - 700), max_start_s=600)[0]
+    failed = write(hb, status="failed", error="ConfigError: reward.server unreachable")
+    assert "failed" in check(failed)[1] and "unreachable" in check(failed)[1]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ok, msg = check(write(hb, pid=int(gone.stdout)))
+    assert not ok and "is gone" in msg
+
+
+def test_the_command_line_reads_the_environment_and_exits_1_when_unhealthy(tmp_path):
+    hb = write(tmp_path / "heartbeat.json")
+    env = {**os.environ, healthcheck.ENV_FILE: str(hb)}
+    cmd = [sys.executable, "-m", "advgrpo.trainer.healthcheck"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.startswith("healthy:"), out
+    write(hb, progress_time=time.time() - 50)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**env, healthcheck.ENV_MAX_STALL: "40"})
+    assert out.returncode == 1 and "no progress" in out.stdout, out
+    del env[healthcheck.ENV_FILE]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1 and "not set" in out.stdout
