@@ -174,6 +174,22 @@ def _blocked_client_run(body: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
+CLIENT_DEPENDENCIES = {"advgrpo-protos", "advgrpo-common", "grpcio", "protobuf", "numpy", "pillow"}
+
+
+def test_the_client_and_commons_base_depend_on_grpcio_protobuf_numpy_and_pillow_only():
+    import tomllib
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    for unit in ("client", "common", "protos"):
+        project = tomllib.loads((REPO / unit / "pyproject.toml").read_text())["project"]
+        assert names(project["dependencies"]) <= CLIENT_DEPENDENCIES, unit
+    client = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    assert "optional-dependencies" not in client  # nothing to add: the client is its base
+
+
 def test_the_client_imports_without_the_server_extras():
     """Trainers install the base package (plus their own extra): the client must not need torch,
     transformers, the HTTP stack or anything else only the server extra brings."""
