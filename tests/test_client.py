@@ -73,9 +73,62 @@ def test_client_gives_up_after_max_attempts():
     client.close()
 
 
-def test_client_gives_up_once_the_retry_time_budget_is_spent():
+class RefusingService:
+    """A RewardService whose unary calls all fail with ``code`` (and ``trailer``). It records each
+    attempt it receives: the method, and A6's ``grpc-previous-rpc-attempts`` header (0 on a first
+    attempt), which gRPC adds where the client's gRPC retried the call itself."""
+
+    def __init__(self, code: grpc.StatusCode, trailer: tuple = ()):
+        self.code, self.trailer = code, trailer
+        self.attempts: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+
+    def handler(self, method: str):
+        def refuse(request: bytes, context) -> bytes:
+            previous = int(dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts", 0))
+            with self.lock:
+                self.attempts.append((method, previous))
+            context.set_trailing_metadata(self.trailer)
+            context.abort(self.code, f"{method} refused by the test")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+    def of(self, method: str) -> list[int]:
+        with self.lock:
+            return [previous for m, previous in self.attempts if m == method]
+
+
+@pytest.fixture
+def refusing_server():
+    """Factory: refusing_server(service) -> target; the servers stop after the test."""
+    from concurrent import futures
+
+    from advgrpo.client.client import SERVICE
+
+    servers: list[grpc.Server] = []
+
+    def start(service: RefusingService) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        methods = ("Score", "UpdateDiscriminator", "ListModels", "CheckSharedMemory")
+        handlers = {m: service.handler(m) for m in methods}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def test_client_gives_up_once_the_retry_time_budget_is_spent(refusing_server):
+    """Counted by a server that refuses every call with UNAVAILABLE: gRPC retries each call itself
+    (a service-config retryPolicy, up to 5 attempts), and the client calls again once those are
+    spent, until its time budget ends."""
+    service = RefusingService(grpc.StatusCode.UNAVAILABLE)
     client = RewardClient(
-        f"127.0.0.1:{free_port()}", retry=RetryPolicy(max_elapsed_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.2)
+        refusing_server(service), retry=RetryPolicy(max_elapsed_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.2)
     )
     calls = []
     inner = client._stub.ListModels
@@ -86,9 +139,109 @@ def test_client_gives_up_once_the_retry_time_budget_is_spent():
             client.list_models()
         took = time.monotonic() - t0
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert 1.0 <= took < 2.5 and len(calls) > 6  # more attempts than the old fixed 6
+        attempts = service.of("ListModels")
+        assert 1.0 <= took < 2.5 and len(attempts) > 6  # more attempts than the old fixed 6
+        assert max(attempts) == 4  # gRPC's own retries: the first call made all 5 of its attempts
+        assert len(calls) > 1 and len(attempts) > len(calls)  # then the client called again
     finally:
         client.close()
+
+
+def test_client_retries_a_closed_port_past_grpcs_own_attempts():
+    client = RewardClient(
+        f"127.0.0.1:{free_port()}", retry=RetryPolicy(max_elapsed_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.2)
+    )
+    calls = []
+    inner = client._stub.ListModels
+    client._stub.ListModels = lambda *a, **kw: calls.append(1) or inner(*a, **kw)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            client.list_models()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(calls) > 1  # gRPC's attempts of the first call were spent well within the budget
+    finally:
+        client.close()
+
+
+def test_a_policy_with_max_attempts_makes_exactly_that_many(refusing_server):
+    """gRPC does not tell the caller how many attempts a call made, so a policy that counts them
+    has the client make each one itself (no gRPC retries: every attempt is a first one)."""
+    service = RefusingService(grpc.StatusCode.UNAVAILABLE)
+    retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+    with RewardClient(refusing_server(service), retry=retry) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.list_models()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert service.of("ListModels") == [0, 0, 0]
+
+
+COUNTED = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.02)  # the client's attempts only
+TIMED = RetryPolicy(max_elapsed_s=0.3, initial_backoff_s=0.01, max_backoff_s=0.02)  # gRPC's own retries first
+
+
+@pytest.mark.parametrize("retry", [COUNTED, TIMED], ids=["max_attempts", "max_elapsed_s"])
+@pytest.mark.parametrize(
+    "code, pushback, retried",
+    [
+        ("RESOURCE_EXHAUSTED", None, False),  # a size limit: neither gRPC nor the client retries it
+        ("RESOURCE_EXHAUSTED", "-1", False),  # our server's size limits say so (A6: do not retry)
+        ("RESOURCE_EXHAUSTED", "0", True),  # transient: the client retries it, gRPC does not
+        ("RESOURCE_EXHAUSTED", "10", True),
+        ("UNAVAILABLE", "-1", False),  # A6: a negative or unparseable pushback, whatever the status
+        ("UNAVAILABLE", "soon", False),
+        ("INVALID_ARGUMENT", None, False),
+    ],
+)
+def test_which_refusals_are_sent_again(refusing_server, retry, code, pushback, retried):
+    trailer = (("grpc-retry-pushback-ms", pushback),) if pushback is not None else ()
+    service = RefusingService(grpc.StatusCode[code], trailer)
+    with RewardClient(refusing_server(service), retry=retry) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.score([Group("p", [np.zeros((4, 4, 3), np.uint8)])])
+    assert info.value.code() == grpc.StatusCode[code]
+    attempts = service.of("Score")
+    assert set(attempts) == {0}  # each one the client's own: gRPC retried none of them
+    if not retried:
+        assert len(attempts) == 1  # sent exactly once
+    elif retry is COUNTED:
+        assert len(attempts) == 4
+    else:
+        assert len(attempts) > 1
+
+
+def test_grpc_retries_requests_bigger_than_its_default_retry_buffer(refusing_server):
+    """gRPC sends but never retries a request over grpc.per_rpc_retry_buffer_size (256 KiB by
+    default); the client raises it to its message limit, so a 1.2 MB Score is retried too."""
+    service = RefusingService(grpc.StatusCode.UNAVAILABLE)
+    retry = RetryPolicy(max_elapsed_s=0.2, initial_backoff_s=0.01, max_backoff_s=0.02)
+    with RewardClient(refusing_server(service), retry=retry, parallel_calls=1) as client:
+        with pytest.raises(grpc.RpcError):
+            client.score([Group("p", [np.zeros((400, 1000, 3), np.uint8)])])
+    assert max(service.of("Score")) == 4
+
+
+def test_update_retries_resend_the_same_idempotency_key(refusing_server):
+    from advgrpo.reward.v1 import reward_pb2
+
+    keys = []
+
+    class Recording(RefusingService):
+        def handler(self, method):
+            inner = super().handler(method).unary_unary
+
+            def record(request, context):
+                if method == "UpdateDiscriminator":
+                    keys.append(reward_pb2.UpdateDiscriminatorRequest.FromString(request).update_id)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(record)
+
+    service = Recording(grpc.StatusCode.UNAVAILABLE)
+    image = np.zeros((4, 4, 3), np.uint8)
+    with RewardClient(refusing_server(service), retry=RetryPolicy(max_elapsed_s=0.3, max_backoff_s=0.05)) as client:
+        with pytest.raises(grpc.RpcError):
+            client.update_discriminator("dino", [Group("r", [image])], [Group("g", [image])])
+    assert len(keys) > 1 and len(set(keys)) == 1 and keys[0]
 
 
 def test_retry_policy_needs_a_limit():
@@ -177,7 +330,7 @@ def test_call_budget_divides_big_payloads_into_at_most_parallel_calls():
 
 
 def test_hand_written_wire_format_parses_as_the_same_score_request():
-    from advgrpo.client import _ScoreBatch, _UpdateBatch
+    from advgrpo.client.encoding import ScoreBatch, UpdateBatch
     from advgrpo.reward.v1 import reward_pb2
 
     client = RewardClient("127.0.0.1:1")
@@ -189,22 +342,22 @@ def test_hand_written_wire_format_parses_as_the_same_score_request():
         client._encode_group(Group("", [np.zeros((300, 1, 3), np.uint8)]), 1),  # empty prompt, long varints
     ]
     png = RewardClient("127.0.0.1:1", encoding="png")._encode_group(Group("p", [np.ones((3, 3, 3), np.uint8)]), 2)
-    batch = _ScoreBatch(groups + [png], {"dino": 0.5, "ocr": 0.0, "pickscore": -2.25})
+    batch = ScoreBatch(groups + [png], {"dino": 0.5, "ocr": 0.0, "pickscore": -2.25})
     expected = reward_pb2.ScoreRequest(weights=batch.weights)
     for g in batch.groups:
         g.add_to(expected.groups)
     parsed = reward_pb2.ScoreRequest.FromString(batch.serialize())
     assert parsed == expected
-    assert _ScoreBatch([], {}).serialize() == b""
+    assert ScoreBatch([], {}).serialize() == b""
 
-    update = _UpdateBatch("dino", groups[:1], groups[1:] + [png], 3, "id-1")
+    update = UpdateBatch("dino", groups[:1], groups[1:] + [png], 3, "id-1")
     expected = reward_pb2.UpdateDiscriminatorRequest(model="dino", steps=3, update_id="id-1")
     for g in update.references:
         g.add_to(expected.references)
     for g in update.generated:
         g.add_to(expected.generated)
     assert reward_pb2.UpdateDiscriminatorRequest.FromString(update.serialize()) == expected
-    assert _UpdateBatch("", [], [], 0, "").serialize() == b""
+    assert UpdateBatch("", [], [], 0, "").serialize() == b""
     client.close()
 
 

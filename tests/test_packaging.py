@@ -4,6 +4,7 @@ the files are validated, and the server command they run is run locally)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -114,23 +115,86 @@ def test_the_trainer_images_files_build_a_trainer_without_the_server(image_env, 
     assert Path(where).is_relative_to(env.site) and spec == "None", out.stdout
 
 
+CLIENT_BLOCKED = [
+    # the server extra's packages
+    "torch", "transformers", "safetensors", "blake3", "grpc_reflection", "rapidocr_onnxruntime", "rapidfuzz",
+    "starlette", "uvicorn", "prometheus_client",
+    # what the client must not need either: grpcio-health-checking (its own health.proto copy),
+    # config loading, and every unit but protos and common
+    "grpc_health", "yaml", "advgrpo.reward_server", "advgrpo.trainer", "advgrpo.kernels",
+]  # fmt: skip
+
+
+def _blocked_client_run(body: str, *args: str) -> subprocess.CompletedProcess:
+    """``body`` in a fresh interpreter where importing any of CLIENT_BLOCKED raises ImportError."""
+    code = (
+        "import sys\n"
+        f"BLOCKED = {CLIENT_BLOCKED!r}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if any(name == b or name.startswith(b + '.') for b in BLOCKED):\n"
+        "            raise ImportError('server-only module imported: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        + body
+        + "loaded = [m for m in sys.modules if any(m == b or m.startswith(b + '.') for b in BLOCKED)]\n"
+        "assert not loaded, loaded\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+CLIENT_DEPENDENCIES = {"advgrpo-protos", "advgrpo-common", "grpcio", "protobuf", "numpy", "pillow"}
+
+
+def test_the_client_and_commons_base_depend_on_grpcio_protobuf_numpy_and_pillow_only():
+    import tomllib
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    for unit in ("client", "common", "protos"):
+        project = tomllib.loads((REPO / unit / "pyproject.toml").read_text())["project"]
+        assert names(project["dependencies"]) <= CLIENT_DEPENDENCIES, unit
+    client = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    assert "optional-dependencies" not in client  # nothing to add: the client is its base
+
+
 def test_the_client_imports_without_the_server_extras():
     """Trainers install the base package (plus their own extra): the client must not need torch,
     transformers, the HTTP stack or anything else only the server extra brings."""
-    server_only = ["torch", "transformers", "safetensors", "blake3", "grpc_reflection", "rapidocr_onnxruntime",
-                   "rapidfuzz", "starlette", "uvicorn", "prometheus_client"]  # fmt: skip
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {server_only!r}:\n"
-        "            raise ImportError('server-only module imported: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from advgrpo.client import RewardClient, Group\n"
-        "RewardClient('127.0.0.1:1').close()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    out = _blocked_client_run("from advgrpo.client import RewardClient, Group\nRewardClient('127.0.0.1:1').close()\n")
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+def test_the_client_alone_checks_health_waits_and_scores_against_a_real_server(tmp_path):
+    """advgrpo-client's dependencies only (grpcio, protobuf, numpy, pillow; advgrpo-protos and
+    advgrpo-common): health() and wait_ready() without grpcio-health-checking, then real calls."""
+    from advgrpo.common.process import ServerProcess
+
+    cfg = tmp_path / "noop.yaml"
+    cfg.write_text("models:\n  noop: {kind: noop, weight: 1.0, params: {value: 0.25}}\n")
+    body = (
+        "import json\n"
+        "import numpy as np\n"
+        "from advgrpo.client import Group, RewardClient\n"
+        "with RewardClient(sys.argv[1]) as client:\n"
+        "    client.wait_ready(60)\n"
+        "    out = {'health': client.health(), 'service': client.health('advgrpo.reward.v1.RewardService'),\n"
+        "           'models': [m.name for m in client.list_models()],\n"
+        "           'rewards': client.score([Group('p', [np.zeros((4, 4, 3), np.uint8)] * 2)])[0].rewards,\n"
+        "           'streamed': [s.rewards for s in client.score_stream([Group('p', [np.zeros((4, 4, 3), np.uint8)])])]}\n"
+        "print(json.dumps(out))\n"
+    )
+    with ServerProcess(["--config", str(cfg)], http=False) as server:
+        out = _blocked_client_run(body, server.target)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "health": "SERVING",
+        "service": "SERVING",
+        "models": ["noop"],
+        "rewards": [0.25, 0.25],
+        "streamed": [[0.25]],
+    }
 
 
 def test_console_script_is_installed():

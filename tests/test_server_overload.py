@@ -1,7 +1,8 @@
 """The server-wide budget of decoded image bytes in flight (``server.max_inflight_decoded_bytes``)
 and transient refusals: a request that finds the budget taken by others gets RESOURCE_EXHAUSTED
-with a retry hint (gRPC trailer ``advgrpo-retry-after-ms``, HTTP ``Retry-After``), which the
-client honours; a request over a size limit gets no hint and is never retried."""
+with a retry hint (gRFC A6's pushback trailer ``grpc-retry-pushback-ms``, HTTP ``Retry-After``),
+which the client honours; a request over a size limit gets the pushback -1 (A6: do not retry)
+and is never retried."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from advgrpo.client import Group, RetryPolicy, RewardClient
 from advgrpo.common.errors import ConfigError, ResourceExhausted
-from advgrpo.common.protocol import RETRY_AFTER_KEY
+from advgrpo.common.protocol import NO_RETRY_PUSHBACK, RETRY_PUSHBACK_KEY
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.reward_server.config import load_config
 from advgrpo.reward_server.host import DecodedBytesBudget, DecodedBytesTicket
@@ -117,7 +118,7 @@ def test_a_request_over_the_budget_left_is_refused_with_a_retry_hint(server, stu
         stub.Score(request(3), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "server.max_inflight_decoded_bytes" in info.value.details()
-    assert dict(info.value.trailing_metadata())[RETRY_AFTER_KEY] == "100"
+    assert dict(info.value.trailing_metadata())[RETRY_PUSHBACK_KEY] == "100"
     # While it is held, the JSON gateway refuses likewise, with Retry-After.
     body = {"groups": [group_json([np.zeros((SIDE, SIDE, 3), np.uint8)] * 3)]}
     r = httpx.post(f"{server.http}/v1/score", json=body, timeout=30)
@@ -128,12 +129,12 @@ def test_a_request_over_the_budget_left_is_refused_with_a_retry_hint(server, stu
 
 
 @pytest.mark.slow
-def test_a_request_over_a_size_limit_gets_no_hint(server, stub):
+def test_a_request_over_a_size_limit_is_marked_not_to_be_retried(server, stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.Score(request(4), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "server.max_request_decoded_bytes" in info.value.details()
-    assert RETRY_AFTER_KEY not in dict(info.value.trailing_metadata() or ())
+    assert dict(info.value.trailing_metadata() or ())[RETRY_PUSHBACK_KEY] == NO_RETRY_PUSHBACK  # "-1"
 
 
 @pytest.mark.slow

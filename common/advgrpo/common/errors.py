@@ -14,9 +14,10 @@ class RewardError(Exception):
 
     ``retry_after_s``: set when the refusal is transient (a full queue, the server's decoded-bytes
     budget taken by other requests), so the same request may succeed after about this long. gRPC
-    sends it as the ``advgrpo-retry-after-ms`` trailer, HTTP as ``Retry-After``; the client
-    retries such a RESOURCE_EXHAUSTED within its retry budget, and never one without it (a
-    request over a size limit fails the same way every time)."""
+    sends it as gRFC A6's ``grpc-retry-pushback-ms`` trailer (advgrpo.common.protocol), HTTP as
+    ``Retry-After``; the client retries such a RESOURCE_EXHAUSTED within its retry budget, and
+    never one without it: a RESOURCE_EXHAUSTED without ``retry_after_s`` (a request over a size
+    limit fails the same way every time) carries the pushback -1, A6's "do not retry"."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     http_status: int = 500

@@ -1,19 +1,14 @@
-"""Wire messages <-> host types. Shared by the gRPC servicer and the HTTP JSON gateway."""
+"""Wire messages <-> host types and results (advgrpo.common.results, the client's too). Shared by
+the gRPC servicer and the HTTP JSON gateway."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 from advgrpo.common.images import RAW, decode_image, image_size
+from advgrpo.common.results import GroupScore, ModelInfo, UpdateResult
 from advgrpo.reward.v1 import reward_pb2
-from advgrpo.reward_server.host import (
-    DecodedBytesTicket,
-    GroupInput,
-    GroupResult,
-    ModelHost,
-    ModelStatus,
-    UpdateOutcome,
-)
+from advgrpo.reward_server.host import DecodedBytesTicket, GroupInput, ModelHost
 
 Fields = Sequence[tuple[str, Sequence[reward_pb2.ImageGroup]]]  # (field name, its groups)
 
@@ -68,7 +63,7 @@ async def score(host: ModelHost, request: reward_pb2.ScoreRequest) -> reward_pb2
     return score_response(results)
 
 
-def score_response(results: Sequence[GroupResult]) -> reward_pb2.ScoreResponse:
+def score_response(results: Sequence[GroupScore]) -> reward_pb2.ScoreResponse:
     out = reward_pb2.ScoreResponse()
     for r in results:
         g = out.groups.add(group_id=r.group_id, rewards=r.rewards)
@@ -93,7 +88,7 @@ async def update(
     return update_response(outcome)
 
 
-def update_response(o: UpdateOutcome) -> reward_pb2.UpdateDiscriminatorResponse:
+def update_response(o: UpdateResult) -> reward_pb2.UpdateDiscriminatorResponse:
     return reward_pb2.UpdateDiscriminatorResponse(
         model=o.model,
         version=o.version,
@@ -105,7 +100,7 @@ def update_response(o: UpdateOutcome) -> reward_pb2.UpdateDiscriminatorResponse:
     )
 
 
-def list_models_response(models: Sequence[ModelStatus]) -> reward_pb2.ListModelsResponse:
+def list_models_response(models: Sequence[ModelInfo]) -> reward_pb2.ListModelsResponse:
     return reward_pb2.ListModelsResponse(
         models=[
             reward_pb2.ModelInfo(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -22,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from advgrpo.common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from advgrpo.common.results import GroupScore, ModelInfo, UpdateResult
 from advgrpo.common.shared_memory import SharedMemoryReader
 from advgrpo.reward_server.batching import BatchStats, DynamicBatcher
 from advgrpo.reward_server.config import ModelConfig, ServerConfig
@@ -43,42 +45,13 @@ class GroupInput:
 
 
 @dataclass
-class GroupResult:
-    group_id: str
-    rewards: list[float]
-    components: dict[str, list[float]]
-    model_versions: dict[str, int]
-
-
-@dataclass
-class UpdateOutcome:
-    model: str
-    version: int
-    loss: float
-    reference_score: float
-    generated_score: float
-    accuracy: float
-    replayed: bool = False
-
-
-@dataclass
-class ModelStatus:
-    name: str
-    kind: str
-    trainable: bool
-    version: int
-    default_weight: float
-    queue_depth: int
-
-
-@dataclass
 class _Hosted:
     config: ModelConfig
     model: RewardModel
     executor: ThreadPoolExecutor
     batcher: DynamicBatcher
     last_update_id: str = ""
-    last_update: UpdateOutcome | None = None
+    last_update: UpdateResult | None = None
 
 
 @dataclass
@@ -229,7 +202,7 @@ class ModelHost:
         h.last_update_id = meta.get(UPDATE_ID_KEY, "")
         if meta.get(UPDATE_RESULT_KEY):
             vals = [float(v) for v in meta[UPDATE_RESULT_KEY].split(",")]
-            h.last_update = UpdateOutcome(h.config.name, model.version, *vals)
+            h.last_update = UpdateResult(h.config.name, model.version, *vals)
         log.info("restored %s at version %d from %s", h.config.name, model.version, path)
 
     # ------------------------------------------------------------------ queries
@@ -237,20 +210,17 @@ class ModelHost:
     def model_names(self) -> list[str]:
         return list(self._hosted)
 
-    def list_models(self) -> list[ModelStatus]:
+    def list_models(self) -> list[ModelInfo]:
         return [
-            ModelStatus(
-                name,
-                h.config.kind,
-                bool(h.model.trainable),
-                h.model.version,
-                h.config.weight,
-                h.batcher.queue_depth,
-            )
+            ModelInfo(name, h.config.kind, bool(h.model.trainable), h.model.version, h.config.weight)
             for name, h in self._hosted.items()
         ]
 
-    def last_update(self, name: str) -> UpdateOutcome | None:
+    def queue_depth(self, name: str) -> int:
+        """Images waiting in the model's batcher (for the dashboard and the ready line)."""
+        return self._get(name).batcher.queue_depth
+
+    def last_update(self, name: str) -> UpdateResult | None:
         """The model's last acknowledged update (also one restored from the state dir)."""
         return self._get(name).last_update
 
@@ -307,7 +277,7 @@ class ModelHost:
         finally:
             ticket.release()
 
-    async def score(self, groups: Sequence[GroupInput], weights: dict[str, float]) -> list[GroupResult]:
+    async def score(self, groups: Sequence[GroupInput], weights: dict[str, float]) -> list[GroupScore]:
         weights = self.resolve_weights(weights)
         self.check_groups(groups)
         where = [f"groups[{i}] (group_id {g.group_id!r})" for i, g in enumerate(groups)]
@@ -315,7 +285,7 @@ class ModelHost:
             self._hosted[name].model.validate([g.prompt for g in groups], where)
         items = [(img, g.prompt) for g in groups for img in g.images]
         per_model = await _gather_or_cancel([self._hosted[name].batcher.submit(items) for name in weights])
-        results: list[GroupResult] = []
+        results: list[GroupScore] = []
         offset = 0
         for g in groups:
             n = len(g.images)
@@ -329,7 +299,7 @@ class ModelHost:
                 # scored by one version; max() guards the report should that ever change.
                 versions[name] = max(v for _, v in chunk)
                 rewards += weights[name] * np.asarray(values, dtype=np.float64)
-            results.append(GroupResult(g.group_id, rewards.astype(np.float32).tolist(), components, versions))
+            results.append(GroupScore(g.group_id, rewards.astype(np.float32).tolist(), components, versions))
             offset += n
         now = time.time()
         for name, scored in zip(weights, per_model, strict=True):
@@ -385,7 +355,7 @@ class ModelHost:
         generated: Sequence[GroupInput],
         steps: int,
         update_id: str = "",
-    ) -> UpdateOutcome:
+    ) -> UpdateResult:
         h = self.trainable_model(model_name)
         model = h.model
         if not references or not any(g.images for g in references):
@@ -400,18 +370,18 @@ class ModelHost:
         refs = [(img, g.prompt) for g in references for img in g.images]
         gens = [(img, g.prompt) for g in generated for img in g.images]
 
-        def run() -> UpdateOutcome:
+        def run() -> UpdateResult:
             # Runs on the model's executor, between scoring batches.
             if update_id and update_id == h.last_update_id and h.last_update is not None:
                 out = h.last_update
-                return UpdateOutcome(**{**out.__dict__, "replayed": True})
+                return dataclasses.replace(out, replayed=True)
             snapshot = _clone_state(model.export_state())
             try:
                 result = model.update(
                     [i for i, _ in refs], [p for _, p in refs], [i for i, _ in gens], [p for _, p in gens], steps
                 )
                 version = model.version + 1
-                outcome = UpdateOutcome(
+                outcome = UpdateResult(
                     model_name, version, result.loss, result.reference_score, result.generated_score, result.accuracy
                 )
                 if self.store is not None:

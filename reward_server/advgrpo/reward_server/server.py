@@ -114,7 +114,7 @@ class RewardServer:
         info = {"event": "ready", "grpc": address(s.host, self.grpc.port), "grpc_port": self.grpc.port}
         if self.http_port is not None:
             info.update(http=f"http://{address(s.host, self.http_port)}", http_port=self.http_port)
-        info["models"] = [m.__dict__ for m in self.host.list_models()]
+        info["models"] = [{**m.__dict__, "queue_depth": self.host.queue_depth(m.name)} for m in self.host.list_models()]
         return info
 
 

@@ -11,7 +11,7 @@ from typing import Awaitable, Callable
 import grpc
 
 from advgrpo.common.errors import RewardError
-from advgrpo.common.protocol import RETRY_AFTER_KEY
+from advgrpo.common.protocol import NO_RETRY_PUSHBACK, RETRY_PUSHBACK_KEY
 from advgrpo.reward_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,12 @@ def _wrap(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMe
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """RewardError -> its status with its message; anything else -> INTERNAL, logged with traceback."""
+    """RewardError -> its status with its message; anything else -> INTERNAL, logged with traceback.
+
+    A refusal carries gRFC A6's pushback trailer (``grpc-retry-pushback-ms``), which gRPC's own
+    retry reads as well as our client: a transient one (``retry_after_s``) the milliseconds to
+    wait, and a RESOURCE_EXHAUSTED that will fail the same way every time (a size limit) -1,
+    "do not retry", so that no A6 client retrying RESOURCE_EXHAUSTED sends it again."""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -44,7 +49,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(exc, RewardError):
                 trailer = ()
                 if exc.retry_after_s is not None:  # transient: the client may try again after it
-                    trailer = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+                    trailer = ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+                elif exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    trailer = ((RETRY_PUSHBACK_KEY, NO_RETRY_PUSHBACK),)
                 await context.abort(exc.code, str(exc), trailing_metadata=trailer)
             log.exception("unexpected error in %s", method, exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")

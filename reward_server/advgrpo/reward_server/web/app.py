@@ -170,6 +170,7 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
             models_out.append(
                 {
                     **m.__dict__,
+                    "queue_depth": host.queue_depth(m.name),
                     "images_scored": counter("advgrpo_images_scored_total", m.name),
                     "updates": counter("advgrpo_discriminator_updates_total", m.name),
                     "activity": {
