@@ -100,9 +100,11 @@ def test_scores_are_deterministic_and_batch_independent():
     first = model.score(imgs, texts)
     assert first.shape == (6,) and first.dtype == np.float32
     assert np.array_equal(model.score(imgs, texts), first)
+    # Alone, or in another order: the same reward, bit for bit (on the CPU each image and prompt
+    # runs through its tower alone).
     alone = np.array([model.score([i], [t])[0] for i, t in zip(imgs, texts, strict=True)])
-    np.testing.assert_allclose(alone, first, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(model.score(imgs[::-1], texts[::-1])[::-1], first, rtol=0, atol=1e-6)
+    assert np.array_equal(alone, first)
+    assert np.array_equal(model.score(imgs[::-1], texts[::-1])[::-1], first)
     # A separately built model with the same seed is bit-identical; another seed is not.
     assert np.array_equal(make().score(imgs, texts), first)
     assert not np.allclose(make(seed=1).score(imgs, texts), first)
@@ -110,6 +112,31 @@ def test_scores_are_deterministic_and_batch_independent():
     with pytest.raises(InvalidArgument, match="prompts"):
         model.score(imgs, texts[:2])
     model.warmup()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_rewards_do_not_depend_on_the_batch(threads):
+    """The batcher merges requests into batches of any size: an image's reward is the same bit for
+    bit alone and in any batch, at any position, with other prompts around it, with 1, 2 or 5
+    threads (batched, the towers' one-row-per-image projections rounded differently)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = make()
+        imgs = batch(noise, 5, 7) + batch(smooth, 6, 8)
+        texts = [CAT, DOG, "x y z", 'a sign saying "7"'] * 2 + [DOG, "x y z", CAT]
+        alone = np.array([model.score([i], [t])[0] for i, t in zip(imgs, texts, strict=True)])
+        n = len(imgs)
+        assert np.array_equal(model.score(imgs, texts), alone)
+        for size in (2, 3, 5, 8):
+            for start in sorted({0, 1, (n - size) // 2, n - size}):
+                sl = slice(start, start + size)
+                assert np.array_equal(model.score(imgs[sl], texts[sl]), alone[sl]), f"{size} images from {start}"
+        picks = np.concatenate([np.random.default_rng(threads).permutation(n), [0, 0, 4]])  # with duplicates
+        got = model.score([imgs[i] for i in picks], [texts[i] for i in picks])
+        assert np.array_equal(got, alone[picks])
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_split_vision_forward_matches_the_full_one():
