@@ -153,11 +153,14 @@ def test_empty_batch_reference():
         assert out.shape == (0,) and out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("d,hidden,k", [(32, 64, 8), (33, 17, 5), (768, 512, 64)])
-@pytest.mark.parametrize("threads", [1, 2])
+# D = 33 puts every other image's rows off a 16-byte boundary inside the batch (MKL then took
+# another code path with 2+ threads); D = 21, K = 2: 3 rows of 84 bytes per image.
+@pytest.mark.parametrize("d,hidden,k", [(32, 64, 8), (33, 17, 5), (21, 31, 2), (768, 512, 64)])
+@pytest.mark.parametrize("threads", [1, 2, 5])
 def test_reference_logits_do_not_depend_on_the_batch(d, hidden, k, threads):
-    """The server's batcher puts an image in batches of any size, at any position: its logits
-    must come out the same bit for bit (a single BLAS call over all rows did not)."""
+    """The server's batcher puts an image in batches of any size, at any position: its logits,
+    patch mean and reward must come out the same bit for bit (a single BLAS call over all rows
+    did not, nor per-image products on rows that started off a 16-byte boundary)."""
     from advgrpo.kernels.patch_score import row_logits_reference
 
     g = torch.Generator().manual_seed(d)
@@ -170,10 +173,16 @@ def test_reference_logits_do_not_depend_on_the_batch(d, hidden, k, threads):
     torch.set_num_threads(threads)
     try:
         whole = row_logits_reference(tokens, index, w1, b1, w2, b2)
+        scores = patch_score_reference(tokens, index, w1, b1, w2, b2, 0.7)
         for size in range(1, b):
-            for start in (0, b - size):
-                part = row_logits_reference(tokens[start : start + size], index[start : start + size], w1, b1, w2, b2)
-                assert torch.equal(part, whole[start : start + size]), f"{size} images from {start}"
+            for start in sorted({0, 1, (b - size) // 2, b - size}):
+                sl = slice(start, start + size)
+                part = row_logits_reference(tokens[sl], index[sl], w1, b1, w2, b2)
+                assert torch.equal(part, whole[sl]), f"{size} images from {start}"
+                for got, want in zip(
+                    patch_score_reference(tokens[sl], index[sl], w1, b1, w2, b2, 0.7), scores, strict=True
+                ):
+                    assert torch.equal(got, want[sl]), f"{size} images from {start}"
     finally:
         torch.set_num_threads(before)
 

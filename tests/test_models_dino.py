@@ -7,12 +7,14 @@ with save_pretrained and loads it back by path, the code path of real checkpoint
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from advgrpo.common import tiny_models
 from advgrpo.common.errors import InvalidArgument
 from advgrpo.reward_server.config import DinoParams, ModelConfig
 from advgrpo.reward_server.models import build_model
@@ -176,6 +178,39 @@ def test_a_trained_head_scores_an_image_alike_in_any_batch():
             picks = rng.choice(len(imgs), size, replace=False)
             got = model.score([imgs[i] for i in picks], blank(size))
             assert np.array_equal(got, alone[picks]), f"batch of {size}"
+
+
+# Odd widths: D = 33 puts every other image's head rows off a 16-byte boundary in a batch.
+ODD = dict(hidden_size=33, num_heads=3, head_hidden=17, num_patches=5)
+
+
+@pytest.mark.parametrize("dims", [{}, ODD], ids=["tiny", "d33"])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_rewards_do_not_depend_on_the_batch_with_the_cache_off(threads, dims, monkeypatch):
+    """With the feature cache off every score runs the backbone: an image's reward is the same bit
+    for bit alone and in batches of any size, at any position, with 1, 2 or 5 threads."""
+    dims = dict(dims)
+    width = {k: dims.pop(k) for k in ("hidden_size", "num_heads") if k in dims}
+    monkeypatch.setattr(tiny_models, "tiny_dinov2", functools.partial(tiny_models.tiny_dinov2, **width))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = make(feature_cache_bytes=0, recent_feature_cache_bytes=0, **dims)
+        assert model.dim == width.get("hidden_size", 32)
+        model.update(batch(smooth, 3, 3), blank(3), batch(noise, 3, 4), blank(3), steps=2)  # a trained head
+        imgs = batch(noise, 6, 5) + batch(smooth, 5, 6)
+        alone = np.array([model.score([img], blank(1))[0] for img in imgs])
+        n = len(imgs)
+        assert np.array_equal(model.score(imgs, blank(n)), alone)
+        for size in (2, 3, 5, 8):
+            for start in sorted({0, 1, (n - size) // 2, n - size}):
+                got = model.score(imgs[start : start + size], blank(size))
+                assert np.array_equal(got, alone[start : start + size]), f"{size} images from {start}"
+        order = np.random.default_rng(threads).permutation(n)
+        picks = np.concatenate([order, order[:3]])  # shuffled, with duplicates
+        assert np.array_equal(model.score([imgs[i] for i in picks], blank(len(picks))), alone[picks])
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_patches_are_capped_at_the_token_count():

@@ -37,13 +37,14 @@ def _seeded_build(seed: int, build):
     return model.eval()  # models built from a config start in training mode (dropout on)
 
 
-def tiny_dinov2(image_size: int, seed: int) -> Dinov2Model:
-    """A 2-layer DINOv2 (hidden 32, patch 14) whose position grid matches ``image_size``."""
+def tiny_dinov2(image_size: int, seed: int, hidden_size: int = 32, num_heads: int = 2) -> Dinov2Model:
+    """A 2-layer DINOv2 (hidden 32, patch 14) whose position grid matches ``image_size``.
+    ``hidden_size``/``num_heads``: other widths for tests (e.g. 33 puts tokens off 16-byte boundaries)."""
     config = Dinov2Config(
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        num_attention_heads=num_heads,
+        intermediate_size=2 * hidden_size,
         patch_size=14,
         image_size=image_size,
     )

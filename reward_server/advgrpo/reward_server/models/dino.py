@@ -13,17 +13,27 @@ kernel may replace on the scoring path.
 Feature cache: the backbone is frozen, so an image's transformed tokens never change. ``update``
 keeps its references' tokens in a bounded LRU cache keyed by content (``feature_cache_bytes``);
 scoring and updates look every image up and run the backbone for the misses only. Generations
-are not inserted: they are new every epoch and would only evict references. The cache never
-changes a result because an image's tokens do not depend on the batch the backbone ran it in:
-measured bit-identical on CPU (torch 2.13 with MKL; chunks of 1..32 images, any position; the
-tiny backbone with 1 and 2 threads, ViT-B/14 dimensions at 112 px with 2 threads), as expected
-when the GEMMs reduce each output over D in an order that D alone sets, and attention, LayerNorm
-and the feature transform work per image and per token. tests/test_feature_cache.py asserts it
-bit-exactly, on a GPU too where there is one (cuBLAS may choose other kernels for other batch
-sizes; if that test fails there, run with feature_cache_bytes: 0 until the backbone is made
-batch-invariant). The head is batch-invariant by construction on the CPU path
-(``advgrpo.kernels.patch_score.row_logits_reference``): the batcher merges requests, and an image's
-reward must not change in its last bits with the company it was scored in.
+are not inserted: they are new every epoch and would only evict references.
+
+The cache never changes a result because an image's tokens do not depend on the batch it came in.
+On the CPU that holds by construction: the backbone runs one image per forward, so every image goes
+through the same shapes, hence the same kernels and summation orders, whatever it was scored with
+(for a given number of threads). In chunks of several images it did not always hold (an AMD EPYC,
+torch 2.13 with MKL): every image's tokens changed with its chunk (2, 3, 5 or 12 images) for a tiny
+backbone of width 33 with 2 or 5 threads, and up to half of them for width 34 with 5 threads,
+though width 32 (the tiny preset), 36 and ViT-B/14 dimensions at 112 px came out bit-identical. At
+width 33 the first difference was in the first layer's attention output
+(``scaled_dot_product_attention`` on bit-identical q, k, v: the CPU kernel multiplies each image's
+and head's blocks where they lie in the batch), likely the cause found in the head: MKL's SGEMM
+picks its summation order by an operand's alignment
+(``advgrpo.kernels.patch_score.row_logits_reference``). The cost is the backbone's fixed overhead
+per forward (``_backbone_images``). On a GPU the backbone still runs chunks of ``backbone_chunk``
+images: cuBLAS may choose other kernels for other batch sizes, so there an image's tokens, and so
+its reward, may differ in the last bits with its batch (tests/test_feature_cache.py checks
+bit-identity on a GPU where there is one; not run on one yet). The head is batch-invariant by
+construction on the CPU path (``advgrpo.kernels.patch_score.row_logits_reference``): the batcher
+merges requests, and an image's reward must not change in its last bits with the company it was
+scored in.
 """
 
 from __future__ import annotations
@@ -180,7 +190,8 @@ def discriminator_loss(
 
 class DinoDiscriminator(TrainableRewardModel):
     kind = "dino"
-    # Images per backbone forward: bounds activation memory when an update brings many images.
+    # Images per backbone forward on a GPU (on the CPU: one, see ``_backbone_images``); bounds
+    # activation memory when an update brings many images.
     backbone_chunk = 32
 
     def __init__(self, name: str, params: DinoParams, device: str = "cpu"):
@@ -267,11 +278,27 @@ class DinoDiscriminator(TrainableRewardModel):
                 return tokens
         return None
 
+    def _backbone_images(self) -> int:
+        """Images per backbone forward: one on the CPU (batch-invariant tokens, see the module
+        docstring), ``backbone_chunk`` on a GPU.
+
+        Cost on the CPU, measured on a 2-core AMD EPYC that other jobs shared (medians of
+        alternated runs), one image per forward against chunks of up to 32: scoring 64 images with the
+        tiny preset's cache off, whose backbone forward is mostly fixed overhead, 105 ms
+        instead of 22 ms with 1 thread (108 instead of 20 with 2); a ViT-B/14-sized backbone
+        (random weights), 16 images at 112 px: 2.8 s instead of 2.3 s with 1 thread, 4 images
+        at 224 px: 2.5 s instead of 2.3 s. With 2 threads there 10.2 s instead of 4.1 s and
+        9.6 s instead of 5.3 s, but 2 threads were slower than 1 either way on that shared
+        machine: the multi-threaded cost is still to be measured on an idle one."""
+        return self.backbone_chunk if self.device.type == "cuda" else 1
+
     def _backbone_features(self, images: Sequence[Image]) -> torch.Tensor:
-        """``features`` without the cache: preprocessing and the backbone, in chunks."""
+        """``features`` without the cache: preprocessing and the backbone, in chunks of
+        ``_backbone_images()``."""
         out = []
-        for start in range(0, len(images), self.backbone_chunk):
-            chunk = images[start : start + self.backbone_chunk]
+        step = self._backbone_images()
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
             pixels = torch.stack([self._preprocess(img) for img in chunk])
             tokens = self.backbone(pixel_values=pixels).last_hidden_state
             out.append(transform_tokens(tokens.to(torch.float32), self.params.feature_transform))
