@@ -27,6 +27,9 @@ case "$mode" in
   *) echo "usage: $0 VENV locked|latest" >&2; exit 2 ;;
 esac
 
+# A virtualenv made by an earlier checkout may hold its one `advgrpo` distribution, whose editable
+# hook mapped top-level `kernels`/`trainer` onto this tree (the names that shadowed others').
+"${uv[@]}" uninstall -q --python "$py" advgrpo 2>/dev/null || true
 # Everything but torch and our units: exact versions, every file's hash checked.
 "${uv[@]}" install -q --python "$py" --require-hashes --no-deps -r "$lock"
 "$py" -m pip install -qq --disable-pip-version-check --no-deps -c constraints.txt torch==2.13.0

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from advgrpo.trainer import healthcheck
 from advgrpo.trainer.healthcheck import Heartbeat, check
 
@@ -71,3 +73,35 @@ def test_the_command_line_reads_the_environment_and_exits_1_when_unhealthy(tmp_p
     del env[healthcheck.ENV_FILE]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 1 and "not set" in out.stdout
+
+
+def test_a_run_reports_how_it_ended(tmp_path, monkeypatch):
+    """``reporting`` around a run: finished, failed with the error, interrupted, or what the run said."""
+
+    def ended(body) -> dict:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        monkeypatch.setenv(healthcheck.ENV_FILE, str(path))
+        try:
+            with healthcheck.reporting() as run:
+                body(run)
+        except (RuntimeError, KeyboardInterrupt):
+            pass
+        return json.loads(path.read_text())
+
+    assert ended(lambda run: None)["status"] == "finished"
+
+    def boom(run):
+        raise RuntimeError("no reward server")
+
+    failed = ended(boom)
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: no reward server"
+
+    def ctrl_c(run):
+        raise KeyboardInterrupt
+
+    assert ended(ctrl_c)["status"] == "interrupted"
+    said = ended(lambda run: run.fail("exit code 2"))
+    assert said["status"] == "failed" and said["error"] == "exit code 2"
+    with pytest.raises(RuntimeError):  # the error still reaches the caller
+        with healthcheck.reporting():
+            raise RuntimeError("x")

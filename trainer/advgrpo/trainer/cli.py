@@ -57,32 +57,24 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.preset is None and args.config is None:
         print("advgrpo-train: give --preset and/or --config", file=sys.stderr)
         return 2
-    if not args.print_config:
-        healthcheck.start_from_env()  # $ADVGRPO_HEARTBEAT_FILE: what the image's HEALTHCHECK reads
-    status, error = "failed", None
     try:
-        cfg = load_train_config(args.preset, args.config, args.sets, overrides)
-        if args.print_config:
-            yaml.safe_dump(dump_train_config(cfg), sys.stdout, sort_keys=False)
-            return 0
-        token_from_env(cfg)
-        from advgrpo.trainer.loop import AdvGrpoTrainer  # heavy imports after the config is known to be good
+        # $ADVGRPO_HEARTBEAT_FILE: what the image's HEALTHCHECK reads
+        with healthcheck.reporting(enabled=not args.print_config) as run:
+            try:
+                cfg = load_train_config(args.preset, args.config, args.sets, overrides)
+                if args.print_config:
+                    yaml.safe_dump(dump_train_config(cfg), sys.stdout, sort_keys=False)
+                    return 0
+                token_from_env(cfg)
+                from advgrpo.trainer.loop import AdvGrpoTrainer  # heavy imports after the config is known to be good
 
-        trainer = AdvGrpoTrainer(cfg, resume=args.resume)
-        trainer.run()
-        status = "finished"
-    except ConfigError as exc:
-        error = str(exc)
-        print(f"advgrpo-train: {exc}", file=sys.stderr)
-        return 2
+                AdvGrpoTrainer(cfg, resume=args.resume).run()
+            except ConfigError as exc:
+                run.fail(str(exc))
+                print(f"advgrpo-train: {exc}", file=sys.stderr)
+                return 2
     except KeyboardInterrupt:
-        status = "interrupted"
         return 130
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        healthcheck.stop(status, error)
     print(
         f"run finished: metrics in {cfg.run.output_dir / 'metrics.jsonl'}, checkpoints in "
         f"{cfg.run.output_dir / 'checkpoints'}, samples in {cfg.run.output_dir / 'samples'}"

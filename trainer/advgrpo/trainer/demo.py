@@ -51,20 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from advgrpo.trainer import healthcheck
 
-    healthcheck.start_from_env()
-    status, error = "failed", None
     try:
-        code = _run(args)
-        status = "finished" if code == 0 else "failed"
-        return code
+        with healthcheck.reporting() as run:
+            code = _run(args)
+            if code != 0:
+                run.fail()
+            return code
     except KeyboardInterrupt:
-        status = "interrupted"
         return 130
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        healthcheck.stop(status, error)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ start fast and never import torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -111,6 +112,36 @@ def stop(status: str = "finished", error: str | None = None) -> None:
     if _current is not None:
         _current.stop(status, error)
         _current = None
+
+
+class RunOutcome:
+    """What ``reporting`` records when its block ends: ``finished`` unless the block says otherwise."""
+
+    def __init__(self) -> None:
+        self.status, self.error = "finished", None
+
+    def fail(self, error: str | None = None) -> None:
+        self.status, self.error = "failed", error
+
+
+@contextlib.contextmanager
+def reporting(enabled: bool = True):
+    """The heartbeat for a whole run (when ``$ADVGRPO_HEARTBEAT_FILE`` is set): it starts here and
+    stops with ``finished`` when the block ends, ``interrupted`` on Ctrl-C, ``failed`` with the
+    error on an exception, or whatever the block set on the yielded ``RunOutcome``."""
+    if enabled:
+        start_from_env()
+    outcome = RunOutcome()
+    try:
+        yield outcome
+    except KeyboardInterrupt:
+        outcome.status = "interrupted"
+        raise
+    except BaseException as exc:
+        outcome.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        stop(outcome.status, outcome.error)
 
 
 def _process_alive(pid: int) -> bool:
