@@ -147,6 +147,26 @@ def test_client_gives_up_once_the_retry_time_budget_is_spent(refusing_server):
         client.close()
 
 
+def test_a_deadline_shorter_than_grpcs_backoffs_still_retries_for_the_whole_budget():
+    """gRPC's own attempts share a call's deadline: with backoffs longer than the deadline, a down
+    server must still be retried for max_elapsed_s and end in UNAVAILABLE, not in an early
+    DEADLINE_EXCEEDED (which is never retried)."""
+    for timeout_s in (0.5, 1.5):
+        client = RewardClient(
+            f"127.0.0.1:{free_port()}",
+            timeout_s=timeout_s,
+            retry=RetryPolicy(initial_backoff_s=1.0, max_backoff_s=5.0, max_elapsed_s=4.0),
+        )
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                client.list_models()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, (timeout_s, info.value.code())
+            assert time.monotonic() - t0 >= 3.0, timeout_s  # the budget, not one deadline
+        finally:
+            client.close()
+
+
 def test_client_retries_a_closed_port_past_grpcs_own_attempts():
     client = RewardClient(
         f"127.0.0.1:{free_port()}", retry=RetryPolicy(max_elapsed_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.2)

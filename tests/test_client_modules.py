@@ -116,6 +116,19 @@ def test_the_default_policy_runs_in_grpcs_own_retry():
     assert grpc_attempts(policy, pushback("10")) == 1
 
 
+def test_grpcs_attempts_fit_in_the_calls_deadline():
+    """Its backoffs may add up to a quarter of the deadline: fewer attempts for a short one, none
+    where one backoff would not fit (the client then makes each attempt itself)."""
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
+    assert grpc_retry_policy(policy, deadline_s=120)["maxAttempts"] == GRPC_MAX_ATTEMPTS  # 0.1+0.2+0.4+0.8
+    assert grpc_retry_policy(policy, deadline_s=2.0)["maxAttempts"] == 3  # 0.1+0.2 <= 0.5 < 0.7
+    assert grpc_retry_policy(policy, deadline_s=0.3) is None  # 0.1 > 0.075
+    assert grpc_attempts(policy, Failed(UNAVAILABLE), deadline_s=2.0) == 3
+    assert grpc_attempts(policy, Failed(UNAVAILABLE), deadline_s=0.3) == 1
+    options = dict(channel_options(policy, "s", ["Score"], 1 << 20, deadline_s=0.3))
+    assert "grpc.service_config" not in options
+
+
 def test_what_grpcs_retry_does_not_run():
     # RESOURCE_EXHAUSTED stays ours, even when the policy lists it.
     both = RetryPolicy(retryable=(UNAVAILABLE, RESOURCE_EXHAUSTED))

@@ -115,7 +115,7 @@ class RewardClient:
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", max(100, int(self.retry.max_backoff_s * 1000))),
                 # gRPC retries the unary calls itself first (a service-config retryPolicy).
-                *channel_options(self.retry, SERVICE, UNARY_METHODS, max_message_bytes),
+                *channel_options(self.retry, SERVICE, UNARY_METHODS, max_message_bytes, timeout_s),
             ],
         )
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)

@@ -95,11 +95,16 @@ class RetryPolicy:
 # ---------------------------------------------------------------- gRPC's own retry
 
 
-def grpc_retry_policy(policy: RetryPolicy) -> dict | None:
+def grpc_retry_policy(policy: RetryPolicy, deadline_s: float | None = None) -> dict | None:
     """The part of ``policy`` that gRPC's retry runs for each unary call, as a service config's
     ``retryPolicy`` (A6), or None where gRPC should make one attempt per call: the policy counts
     attempts (``max_attempts``, which only our loop can count), has no time to retry in, retries
-    nothing gRPC may, or has a backoff a service config cannot write."""
+    nothing gRPC may, or has a backoff a service config cannot write.
+
+    gRPC's attempts share the call's deadline (``deadline_s``, the client's ``timeout_s``), and a
+    call that runs out of it ends with DEADLINE_EXCEEDED, which is not retried: so gRPC gets only
+    as many attempts as its longest backoffs leave most of the deadline to (their sum at most a
+    quarter of it), and none where even one backoff would not fit; our loop retries the rest."""
     # RESOURCE_EXHAUSTED stays ours (see the module's docstring).
     codes = sorted({c.name for c in policy.retryable} - {grpc.StatusCode.RESOURCE_EXHAUSTED.name})
     numbers = (policy.multiplier, policy.initial_backoff_s, policy.max_backoff_s)
@@ -111,10 +116,20 @@ def grpc_retry_policy(policy: RetryPolicy) -> dict | None:
         or not all(math.isfinite(x) for x in numbers)
     ):
         return None
+    max_backoff = max(policy.max_backoff_s, policy.initial_backoff_s)
+    attempts, waited = 1, 0.0
+    while attempts < GRPC_MAX_ATTEMPTS:
+        # A6: the n-th retry waits at most min(initial * multiplier**(n-1), max) (jitter below it).
+        longest = min(policy.initial_backoff_s * policy.multiplier ** (attempts - 1), max_backoff)
+        if deadline_s is not None and waited + longest > deadline_s / 4:
+            break
+        attempts, waited = attempts + 1, waited + longest
+    if attempts == 1:
+        return None
     return {
-        "maxAttempts": GRPC_MAX_ATTEMPTS,
+        "maxAttempts": attempts,
         "initialBackoff": _duration(policy.initial_backoff_s),
-        "maxBackoff": _duration(max(policy.max_backoff_s, policy.initial_backoff_s)),
+        "maxBackoff": _duration(max_backoff),
         "backoffMultiplier": policy.multiplier,
         "retryableStatusCodes": codes,
     }
@@ -125,11 +140,13 @@ def _duration(seconds: float) -> str:
     return f"{max(seconds, 0.001):.3f}s"
 
 
-def channel_options(policy: RetryPolicy, service: str, methods: Iterable[str], max_message_bytes: int) -> list:
+def channel_options(
+    policy: RetryPolicy, service: str, methods: Iterable[str], max_message_bytes: int, deadline_s: float | None = None
+) -> list:
     """Channel options that make gRPC retry ``methods`` of ``service`` as ``grpc_retry_policy``
     says, buffering requests up to ``max_message_bytes`` so that every request can be resent."""
     options: list = [("grpc.enable_retries", 1)]
-    retry_policy = grpc_retry_policy(policy)
+    retry_policy = grpc_retry_policy(policy, deadline_s)
     if retry_policy is not None:
         config = {
             "methodConfig": [
@@ -144,12 +161,12 @@ def channel_options(policy: RetryPolicy, service: str, methods: Iterable[str], m
     return options
 
 
-def grpc_attempts(policy: RetryPolicy, exc: BaseException) -> int:
+def grpc_attempts(policy: RetryPolicy, exc: BaseException, deadline_s: float | None = None) -> int:
     """How many attempts a unary call that failed with ``exc`` made, as far as the client can tell
     (for its logs and for how far the backoff has grown): all of gRPC's where gRPC retries its
     status (a call ends with it once they are spent; its deadline would end it with
     DEADLINE_EXCEEDED), else one."""
-    retry_policy = grpc_retry_policy(policy)
+    retry_policy = grpc_retry_policy(policy, deadline_s)
     if retry_policy is None or not isinstance(exc, grpc.RpcError):
         return 1
     pushback = pushback_s(exc)
@@ -250,7 +267,7 @@ def call_with_retry(
     budget = RetryBudget(policy, target)
     while True:
         if failed is not None:
-            delay = budget.delay(failed, "call", grpc_attempts(policy, failed))
+            delay = budget.delay(failed, "call", grpc_attempts(policy, failed, timeout_s))
             if delay is None:
                 raise failed
             time.sleep(delay)
