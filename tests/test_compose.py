@@ -405,6 +405,9 @@ def test_each_services_command_runs_as_a_local_process(profile, image_env, tmp_p
     (ckpt,) = (run_dir / "checkpoints").iterdir()
     assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert list((run_dir / "samples").glob("*.png"))
+    # The token came from the environment and stays there: no output of the run records it.
+    leaked = [p for p in out_dir.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert leaked == [], leaked
     # The server's state went to its /state volume (the discriminator it trained).
     state = loc_server.paths(server)["/state"]
     assert any(state.rglob("*")), "nothing in the server's /state"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import yaml
 
 from advgrpo.common.errors import ConfigError
 from advgrpo.trainer import healthcheck
-from advgrpo.trainer.config import PRESETS, TrainConfig, dump_train_config, load_train_config
+from advgrpo.trainer.config import PRESETS, dump_train_config, load_train_config
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -65,7 +64,6 @@ def train_main(argv: list[str] | None = None) -> int:
                 if args.print_config:
                     yaml.safe_dump(dump_train_config(cfg), sys.stdout, sort_keys=False)
                     return 0
-                token_from_env(cfg)
                 from advgrpo.trainer.loop import AdvGrpoTrainer  # heavy imports after the config is known to be good
 
                 AdvGrpoTrainer(cfg, resume=args.resume).run()
@@ -80,12 +78,6 @@ def train_main(argv: list[str] | None = None) -> int:
         f"{cfg.run.output_dir / 'checkpoints'}, samples in {cfg.run.output_dir / 'samples'}"
     )
     return 0
-
-
-def token_from_env(cfg: TrainConfig) -> None:
-    """``reward.token`` defaults to ``$ADVGRPO_AUTH_TOKEN``, the variable the reward server reads."""
-    if cfg.reward.token is None:
-        cfg.reward.token = os.environ.get("ADVGRPO_AUTH_TOKEN") or None
 
 
 def generate_parser() -> argparse.ArgumentParser:

@@ -94,7 +94,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"reward server: gRPC {server.target}, dashboard {server.http}/dashboard")
     with server:
         from advgrpo.common.errors import ConfigError
-        from advgrpo.trainer.cli import token_from_env
         from advgrpo.trainer.config import load_train_config
         from advgrpo.trainer.loop import AdvGrpoTrainer
 
@@ -106,7 +105,6 @@ def _run(args: argparse.Namespace) -> int:
                 "run": {"output_dir": str(out / "run"), "epochs": epochs, "eval_every": 2, "save_every": 0},
             },
         )
-        token_from_env(cfg)
         try:
             AdvGrpoTrainer(cfg).run()
         except ConfigError as exc:

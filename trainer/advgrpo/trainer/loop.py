@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +104,7 @@ class AdvGrpoTrainer:
         r = self.cfg.reward
         self.client = RewardClient(
             r.server,
-            token=r.token,
+            token=reward_token(r.token),
             timeout_s=r.timeout_s,
             encoding=r.encoding,
             keep_freed_memory=r.keep_freed_memory,
@@ -488,7 +489,7 @@ class AdvGrpoTrainer:
 
         meta = {
             "optimizer": opt_groups,
-            "config": dump_train_config(cfg),
+            "config": without_secrets(dump_train_config(cfg)),
             "ema_meta": {
                 k: v for k, v in (self.ema.state_dict().items() if self.ema else []) if not torch.is_tensor(v)
             },
@@ -530,6 +531,23 @@ def generation_settings(cfg: TrainConfig) -> dict[str, Any]:
         "max_sequence_length": cfg.model.max_sequence_length,
         "seed": cfg.run.seed,
     }
+
+
+TOKEN_ENV = "ADVGRPO_AUTH_TOKEN"
+
+
+def reward_token(configured: str | None) -> str | None:
+    """``reward.token``, else ``$ADVGRPO_AUTH_TOKEN`` (the variable the reward server reads). Read
+    when the client is made and never written back into the config, so no checkpoint holds it."""
+    return configured or os.environ.get(TOKEN_ENV) or None
+
+
+def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as a checkpoint records it: the reward server's token left out."""
+    reward = dict(config.get("reward", {}))
+    if reward.get("token"):
+        reward["token"] = "<redacted>"
+    return {**config, "reward": reward}
 
 
 @torch.no_grad()
