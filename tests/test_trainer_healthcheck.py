@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -105,3 +106,27 @@ def test_a_run_reports_how_it_ended(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):  # the error still reaches the caller
         with healthcheck.reporting():
             raise RuntimeError("x")
+
+
+def test_an_unwritable_heartbeat_never_stops_the_run(tmp_path, monkeypatch, caplog):
+    """A read-only or full disk: the run goes on without a heartbeat (the check then says "no
+    heartbeat"), and its end is still reported to the caller as it happened."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(healthcheck.ENV_FILE, str(blocker / "heartbeat.json"))  # its parent is a file
+    ran = []
+    with caplog.at_level("WARNING", logger=healthcheck.__name__):
+        with healthcheck.reporting():
+            ran.append(True)
+    assert ran == [True] and "no heartbeat" in caplog.text
+    ok, message = check(blocker / "heartbeat.json")
+    assert not ok, message
+
+    path = tmp_path / "ok" / "heartbeat.json"
+    monkeypatch.setenv(healthcheck.ENV_FILE, str(path))
+    with pytest.raises(RuntimeError, match="the real error"):
+        with healthcheck.reporting():
+            shutil.rmtree(path.parent)  # the end cannot be written (its folder is now a file) ...
+            path.parent.write_text("")
+            raise RuntimeError("the real error")  # ... and the run's own error still surfaces
+    assert healthcheck._current is None and "could not record" in caplog.text

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -31,6 +32,7 @@ DEFAULT_MAX_STALL_S = 1800.0
 DEFAULT_MAX_START_S = 3600.0
 INTERVAL_S = 5.0
 STARTING = "starting"
+log = logging.getLogger(__name__)
 
 
 class Heartbeat:
@@ -98,7 +100,10 @@ def start_from_env() -> Heartbeat | None:
     if not path or int(os.environ.get("RANK", "0")) != 0:
         return None
     if _current is None:
-        _current = Heartbeat(path).start()
+        try:
+            _current = Heartbeat(path).start()
+        except OSError as exc:  # the run matters more than its health report
+            log.warning("no heartbeat (the health check will say so): cannot write %s: %s", path, exc)
     return _current
 
 
@@ -110,8 +115,12 @@ def progress(phase: str, **fields) -> None:
 def stop(status: str = "finished", error: str | None = None) -> None:
     global _current
     if _current is not None:
-        _current.stop(status, error)
-        _current = None
+        try:
+            _current.stop(status, error)
+        except OSError as exc:
+            log.warning("could not record the trainer's end (%s) in %s: %s", status, _current.path, exc)
+        finally:
+            _current = None
 
 
 class RunOutcome:
