@@ -7,15 +7,16 @@ FROM python:3.11-slim
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
-ARG UV_VERSION="0.13.9"
 
 # The trainer writes ADVGRPO_HEARTBEAT_FILE every few seconds; the HEALTHCHECK reads it.
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 UV_NO_CACHE=1 \
     HF_HOME=/hf-cache ADVGRPO_HEARTBEAT_FILE=/tmp/advgrpo/heartbeat.json
 
 WORKDIR /app
-RUN pip install "uv==${UV_VERSION}" && pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
-COPY requirements/lock.txt ./requirements/lock.txt
+# uv, pinned with its hashes (as `make` bootstraps it), then torch from the machine's index.
+COPY requirements/bootstrap.txt requirements/lock.txt ./requirements/
+RUN pip install --require-hashes --no-deps -r requirements/bootstrap.txt \
+    && pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 COPY protos ./protos
 COPY common ./common
 COPY client ./client

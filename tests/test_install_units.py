@@ -152,6 +152,12 @@ def test_the_trainer_alone_runs_a_tiny_epoch_against_a_real_server(tmp_path, whe
     epoch0 = next(m for m in metrics if m.get("epoch") == 0 and "reward_mean" in m)
     assert np.isfinite(epoch0["reward_mean"]) and epoch0["reward_versions"]["dino"] >= 0
     assert "Traceback" not in out.stderr
+    # The demo starts a server of its own: without one installed it says what to do instead.
+    demo = subprocess.run(
+        [str(bin_dir / "python"), "-m", "advgrpo.trainer.demo", "--epochs", "1", "--output-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert demo.returncode == 2 and "--server HOST:PORT" in demo.stderr, demo.stderr[-2000:]
 
 
 def test_our_import_names_shadow_nobody(tmp_path):

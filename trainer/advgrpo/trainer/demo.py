@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -85,6 +86,13 @@ def _run(args: argparse.Namespace) -> int:
         target = args.server
         print(f"reward server: gRPC {target} (already running)")
     else:
+        if importlib.util.find_spec("advgrpo.reward_server") is None:
+            print(
+                "the demo starts its own reward server, which this environment does not have (the trainer "
+                "installs without it): install advgrpo-reward-server beside it, or pass --server HOST:PORT",
+                file=sys.stderr,
+            )
+            return 2
         try:
             server = ServerProcess(["--preset", "tiny", "--state-dir", str(out / "reward-state")], log_file=server_log)
         except RuntimeError:
