@@ -12,7 +12,7 @@ Each implementation is called below the dispatcher (``patch_score_reference`` an
 ``patch_hinge_loss_triton``), the inputs checked once up front; the hinge loss checks its targets on
 the host on every path (one synchronisation; a graph break for torch.compile). The reference
 upcasts the tokens and runs the head in fp32; the Triton kernels use bf16 tensor-core dots with
-fp32 accumulation for bf16 tokens (see kernels/patch_score.py), so before timing each case the
+fp32 accumulation for bf16 tokens (see advgrpo/kernels/patch_score.py), so before timing each case the
 Triton outputs and gradients are compared with the reference (``max_rel_err``: max |diff| over
 max |reference|); a case over tolerance is reported and makes the run exit 1.
 

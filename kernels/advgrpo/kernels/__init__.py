@@ -8,7 +8,7 @@
 tokens [B, 1+N, D] (fp32/fp16/bf16, CLS at 0, any strides), patch_index [B, K] (integer, into
 the N patches), the head ``Linear(D,H) -> GELU(erf) -> Linear(H,1)`` as w1 [H, D], b1 [H],
 w2 [1, H], b2 [1]. Outputs are fp32; gradients flow to w1, b1, w2, b2 (tokens: frozen features,
-no gradient). See ``kernels/patch_score.py`` and ``kernels/hinge_loss.py`` for the kernels.
+no gradient). See ``patch_score.py`` and ``hinge_loss.py`` beside this file for the kernels.
 
 Dispatch — one point, ``backend_for(tensor)``:
 

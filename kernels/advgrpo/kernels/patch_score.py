@@ -61,7 +61,7 @@ Interpreted or compiled: the kernels are plain functions here, wrapped on first 
 ``_kernels`` in the mode Triton's own library was built in (``interpreter_active``). Triton
 decides that once per process, when ``triton.language`` is first imported (its ``tl.sum``,
 ``tl.zeros``, ... are ``@triton.jit`` functions decorated then), so TRITON_INTERPRET=1 has to be
-in the environment before the first ``import triton``; see ``kernels/__init__.py``.
+in the environment before the first ``import triton``; see ``advgrpo/kernels/__init__.py``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from advgrpo.reward_server.host import ModelHost
 from advgrpo.reward_server.models.base import resolve_device
 from advgrpo.reward_server.rpc.server import GrpcFrontend
 
-log = logging.getLogger("reward_server")
+log = logging.getLogger("advgrpo.reward_server")
 
 
 def check_device(device: str) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from advgrpo.reward_server.config import ModelConfig
-from advgrpo.reward_server.models.base import RewardModel, TrainableRewardModel, UpdateResult, content_seed
+from advgrpo.reward_server.models.base import ModelUpdate, RewardModel, TrainableRewardModel, content_seed
 
-__all__ = ["RewardModel", "TrainableRewardModel", "UpdateResult", "build_model", "content_seed"]
+__all__ = ["RewardModel", "TrainableRewardModel", "ModelUpdate", "build_model", "content_seed"]
 
 
 def build_model(cfg: ModelConfig, device: str = "cpu") -> RewardModel:

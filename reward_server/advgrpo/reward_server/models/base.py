@@ -24,7 +24,7 @@ Image = np.ndarray  # uint8 [H, W, 3]
 
 
 @dataclass
-class UpdateResult:
+class ModelUpdate:
     loss: float  # training loss of the last step
     reference_score: float  # mean reward on the given references, after the update
     generated_score: float  # mean reward on the given generations, after the update
@@ -83,7 +83,7 @@ class TrainableRewardModel(RewardModel):
         generated: Sequence[Image],
         generated_prompts: Sequence[str],
         steps: int,
-    ) -> UpdateResult:
+    ) -> ModelUpdate:
         """Trains ``steps`` optimizer steps on this batch (references real, generations fake).
 
         Must be deterministic given the model state and the inputs (no unseeded randomness), so a

@@ -53,8 +53,8 @@ from advgrpo.reward_server.config import TINY, DinoParams
 from advgrpo.reward_server.feature_cache import FeatureCache
 from advgrpo.reward_server.models.base import (
     Image,
+    ModelUpdate,
     TrainableRewardModel,
-    UpdateResult,
     check_images,
     check_prompts,
     content_digest,
@@ -347,7 +347,7 @@ class DinoDiscriminator(TrainableRewardModel):
         generated: Sequence[Image],
         generated_prompts: Sequence[str],
         steps: int,
-    ) -> UpdateResult:
+    ) -> ModelUpdate:
         if not references:
             raise InvalidArgument("discriminator update has no references")
         if not generated:
@@ -387,7 +387,7 @@ class DinoDiscriminator(TrainableRewardModel):
         reward = self._rewards(tokens, seeds, batch_invariant=False).tolist()  # one device sync
         ref_reward, gen_reward = reward[:n_ref], reward[n_ref:]
         correct = sum(r > 0 for r in ref_reward) + sum(r < 0 for r in gen_reward)
-        return UpdateResult(
+        return ModelUpdate(
             loss=float(loss.detach()),
             reference_score=math.fsum(ref_reward) / len(ref_reward),
             generated_score=math.fsum(gen_reward) / len(gen_reward),

@@ -36,8 +36,8 @@ from advgrpo.common.optimizer_state import optimizer_state_from_tensors, optimiz
 from advgrpo.reward_server.config import TINY, PickScoreParams
 from advgrpo.reward_server.models.base import (
     Image,
+    ModelUpdate,
     TrainableRewardModel,
-    UpdateResult,
     check_images,
     check_prompts,
     resolve_device,
@@ -221,7 +221,7 @@ class PickScoreModel(TrainableRewardModel):
         generated: Sequence[Image],
         generated_prompts: Sequence[str],
         steps: int,
-    ) -> UpdateResult:
+    ) -> ModelUpdate:
         if not self.trainable:
             raise FailedPrecondition(f"model {self.name} is not trainable (params.trainable: false)")
         if not references:
@@ -256,7 +256,7 @@ class PickScoreModel(TrainableRewardModel):
         with torch.no_grad():
             s_ref = self._logits(self._vision_suffix(ref_hidden), ref_text)
             s_gen = self._logits(self._vision_suffix(gen_hidden), gen_text)
-        return UpdateResult(
+        return ModelUpdate(
             loss=float(loss.detach()),
             reference_score=float((s_ref / self.params.scale).mean()),
             generated_score=float((s_gen / self.params.scale).mean()),
