@@ -268,7 +268,8 @@ def test_every_services_command_parses_with_our_clis(name, tmp_path):
         assert s.argv[:2] == ["accelerate", "launch"] and launch.module and launch.num_processes == 1
         config = Path(launch.config_file)
         assert (
-            config.parent == Path("/app/trainer/accelerate") and (REPO / "trainer/accelerate" / config.name).is_file()
+            config.parent == Path("/app/trainer/accelerate-configs")
+            and (REPO / "trainer/accelerate-configs" / config.name).is_file()
         )
         train = loc.argv(["python", "-m", s.argv[i + 1], *s.argv[i + 2 :], "--print-config"], s)
         out = subprocess.run(train, **run)

@@ -160,6 +160,20 @@ def test_the_trainer_alone_runs_a_tiny_epoch_against_a_real_server(tmp_path, whe
     assert demo.returncode == 2 and "--server HOST:PORT" in demo.stderr, demo.stderr[-2000:]
 
 
+def test_our_source_roots_offer_no_top_level_name_but_advgrpo():
+    """An editable install puts each unit's folder on sys.path: anything importable there besides
+    advgrpo/ (a module, a package, or a plain folder, which Python takes as a namespace package)
+    would be a top-level name of ours. Only protos/ holds setup.py, its build hook."""
+    for unit in UNITS:
+        names = {
+            p.stem if p.suffix == ".py" else p.name
+            for p in (REPO / unit).iterdir()
+            if (p.is_dir() or p.suffix == ".py") and (p.stem if p.suffix == ".py" else p.name).isidentifier()
+        }
+        names -= {"__pycache__", "build", "dist"}
+        assert names == ({"advgrpo", "setup"} if unit == "protos" else {"advgrpo"}), (unit, names)
+
+
 def test_our_import_names_shadow_nobody(tmp_path):
     """From the repository root (as the README starts everything), with Hugging Face's kernels
     (a dependency of transformers >= 5.25) and Coqui's trainer installed: theirs are what

@@ -232,7 +232,7 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path):
 def test_accelerate_configs_parse_and_the_cpu_one_launches_the_trainer(tmp_path):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    configs = sorted((REPO / "trainer" / "accelerate").glob("*.yaml"))
+    configs = sorted((REPO / "trainer" / "accelerate-configs").glob("*.yaml"))
     kinds = {p.stem: load_config_from_file(str(p)) for p in configs}
     assert kinds["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
     assert kinds["multi_node_zero2"].num_machines == 2
@@ -242,7 +242,7 @@ def test_accelerate_configs_parse_and_the_cpu_one_launches_the_trainer(tmp_path)
             str(Path(sys.executable).parent / "accelerate"),
             "launch",
             "--config_file",
-            str(REPO / "trainer/accelerate/single_cpu.yaml"),
+            str(REPO / "trainer/accelerate-configs/single_cpu.yaml"),
             "-m",
             "advgrpo.trainer.train",
             "--preset",
