@@ -201,22 +201,32 @@ class ImageEnv:
         return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
-def build_image_env(name: str, root: Path) -> ImageEnv:
-    dockerfile = Dockerfile.parse(DOCKERFILES[name])
+def build_unit_wheels(files: list[str], units: list[str], root: Path) -> dict[str, Path]:
+    """Wheels of ``units`` (folders), built from a copy of just ``files`` (paths in the repository)
+    under ``root``, so that nothing else in the checkout (generated modules, builds) gets in."""
     src = root / "src"
-    for rel in build_context_files(dockerfile.copy_sources):
+    for rel in files:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, src / rel)
-    wheels_dir = root / "wheels"
+    out = root / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels_dir),
-         *(str(src / u) for u in dockerfile.installed_units())],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+         *(str(src / u) for u in units)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
+    found = {}
+    for unit in units:
+        (found[unit],) = out.glob(f"advgrpo_{unit}-*.whl")
+    return found
+
+
+def build_image_env(name: str, root: Path) -> ImageEnv:
+    dockerfile = Dockerfile.parse(DOCKERFILES[name])
+    units = dockerfile.installed_units()
+    wheels = sorted(build_unit_wheels(build_context_files(dockerfile.copy_sources), units, root).values())
     env_dir = root / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     (site,) = env_dir.glob("lib/python*/site-packages")
-    wheels = sorted(wheels_dir.glob("advgrpo_*.whl"))
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as z:
             z.extractall(site)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from advgrpo.client import Group, RewardClient
 from advgrpo.common.process import ServerProcess
 
 from .conftest import REPO
+from .docker_helpers import build_unit_wheels
 from .trainer_helpers import make_reference_set
 
 pytestmark = pytest.mark.slow
@@ -39,22 +39,9 @@ TRAINER_ONLY = {"diffusers", "peft", "accelerate"}
 def wheels(tmp_path_factory) -> dict[str, Path]:
     """One wheel per unit, built from a copy of the files git tracks (nothing generated in the
     checkout, such as the gRPC modules, can leak into them)."""
-    src = tmp_path_factory.mktemp("src")
     tracked = subprocess.run(["git", "ls-files", "-z", *UNITS], cwd=REPO, capture_output=True, check=True)
-    for rel in filter(None, tracked.stdout.decode().split("\0")):
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, src / rel)
-    out = tmp_path_factory.mktemp("wheels")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-         *(str(src / u) for u in UNITS)],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
-    found = {}
-    for unit in UNITS:
-        (wheel,) = out.glob(f"advgrpo_{unit}-*.whl")
-        found[unit] = wheel
-    return found
+    files = [f for f in tracked.stdout.decode().split("\0") if f]
+    return build_unit_wheels(files, UNITS, tmp_path_factory.mktemp("units"))
 
 
 def bare_env(root: Path, wheels: dict[str, Path], units: list[str], *, torch: bool) -> Path:
