@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from concurrent import futures
 from pathlib import Path
+from typing import Callable
 
+import grpc
 import numpy as np
 import pytest
 
@@ -41,6 +44,28 @@ def image_env(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture
+def in_process_server():
+    """Factory for fake servers in this process: in_process_server(register, on_stop=None) ->
+    target. ``register(server)`` adds the handlers; every server stops after the test (after
+    ``on_stop()``, which e.g. releases handlers that hang)."""
+    started: list[tuple[grpc.Server, Callable[[], None] | None]] = []
+
+    def start(register: Callable[[grpc.Server], None], on_stop: Callable[[], None] | None = None) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        register(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        started.append((server, on_stop))
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server, on_stop in started:
+        if on_stop is not None:
+            on_stop()
+        server.stop(0)
 
 
 @pytest.fixture(scope="module")

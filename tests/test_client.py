@@ -99,27 +99,18 @@ class RefusingService:
 
 
 @pytest.fixture
-def refusing_server():
+def refusing_server(in_process_server):
     """Factory: refusing_server(service) -> target; the servers stop after the test."""
-    from concurrent import futures
-
     from advgrpo.client.client import SERVICE
 
-    servers: list[grpc.Server] = []
-
     def start(service: RefusingService) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(4))
         methods = ("Score", "UpdateDiscriminator", "ListModels", "CheckSharedMemory")
         handlers = {m: service.handler(m) for m in methods}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
+        return in_process_server(
+            lambda server: server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        )
 
-    yield start
-    for server in servers:
-        server.stop(0)
+    return start
 
 
 def test_client_gives_up_once_the_retry_time_budget_is_spent(refusing_server):

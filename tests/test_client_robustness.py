@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -49,22 +48,11 @@ class FakeService(reward_pb2_grpc.RewardServiceServicer):
 
 
 @pytest.fixture
-def fake_server():
+def fake_server(in_process_server):
     """Factory: fake_server(service) -> target; servers stop (and hanging handlers return) after the test."""
-    started: list[tuple[grpc.Server, FakeService]] = []
-
-    def start(service: FakeService) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(4))
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        started.append((server, service))
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for server, service in started:
-        service.released.set()
-        server.stop(0)
+    return lambda service: in_process_server(
+        lambda server: reward_pb2_grpc.add_RewardServiceServicer_to_server(service, server), service.released.set
+    )
 
 
 def run_bounded(fn, limit_s: float):

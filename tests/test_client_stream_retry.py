@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -57,21 +56,11 @@ class FlakyStreamService(reward_pb2_grpc.RewardServiceServicer):
 
 
 @pytest.fixture
-def flaky():
+def flaky(in_process_server):
     """Factory: flaky(service) -> target; the servers stop after the test."""
-    servers: list[grpc.Server] = []
-
-    def start(service: FlakyStreamService) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(4))
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        server.stop(0)
+    return lambda service: in_process_server(
+        lambda server: reward_pb2_grpc.add_RewardServiceServicer_to_server(service, server)
+    )
 
 
 def numbered_groups(n: int):
