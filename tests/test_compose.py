@@ -138,12 +138,12 @@ def test_gpu_profile_reserves_nvidia_gpus_and_uses_the_real_presets():
         assert device["count"] == "all" or int(device["count"]) >= 1
     s = services()
     assert flag(s["reward-server-gpu"].argv, "--preset") == "sd3-adv" and "sd3-adv" in SERVER_PRESETS
-    assert flag(s["trainer-gpu"].argv, "--preset") == "sd3.5m-dino" and "sd3.5m-dino" in TRAINER_PRESETS
+    assert flag(s["trainer-gpu"].argv, "--preset") == "dino_cotrain_sd3_patch_fast" and "dino_cotrain_sd3_patch_fast" in TRAINER_PRESETS
     assert flag(s["reward-server"].argv, "--preset") == "tiny"
     # The presets are variables: every value offered by the CLIs is reachable.
-    custom = services({"REWARD_GPU_PRESET": "tiny", "TRAINER_GPU_PRESET": "sd3.5m-ocr", "TRAINER_GPU_COUNT": "2"})
+    custom = services({"REWARD_GPU_PRESET": "tiny", "TRAINER_GPU_PRESET": "ocr_cotrain_sd3_fast", "TRAINER_GPU_COUNT": "2"})
     assert flag(custom["reward-server-gpu"].argv, "--preset") == "tiny"
-    assert flag(custom["trainer-gpu"].argv, "--output-dir") == "/outputs/sd3.5m-ocr"
+    assert flag(custom["trainer-gpu"].argv, "--output-dir") == "/outputs/ocr_cotrain_sd3_fast"
     assert custom["trainer-gpu"].spec["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "2"
 
 
@@ -157,7 +157,7 @@ def test_docker_compose_validates_the_file_and_reads_it_as_we_do(case, tmp_path)
         "defaults": {},
         "env-example": env_example(),
         "custom": {"REWARD_PRESET": "sd3-adv", "DEMO_EPOCHS": "7", "ADVGRPO_AUTH_TOKEN": "s3cret", "GRPC_PORT": "6000",
-                   "TRAINER_GPU_PRESET": "sd3.5m-pickscore", "TRAINER_GPU_COUNT": "all", "HF_CACHE": "/srv/hf"},
+                   "TRAINER_GPU_PRESET": "pickscore_cotrain_sd3_fast", "TRAINER_GPU_COUNT": "all", "HF_CACHE": "/srv/hf"},
     }[case]  # fmt: skip
     theirs = docker_compose_config(env, tmp_path)["services"]
     ours = load_compose(env)["services"]
@@ -277,7 +277,7 @@ def test_every_services_command_parses_with_our_clis(name, tmp_path):
         cfg = yaml.safe_load(out.stdout)
         assert cfg["model"]["pretrained"] == "stabilityai/stable-diffusion-3.5-medium"
         assert cfg["reward"]["server"] == "reward-server-gpu:50051"
-        assert cfg["run"]["output_dir"] == str(tmp_path / "volumes/trainer-outputs/sd3.5m-dino")
+        assert cfg["run"]["output_dir"] == str(tmp_path / "volumes/trainer-outputs/dino_cotrain_sd3_patch_fast")
 
 
 # ------------------------------------------------------------------ the stack as local processes

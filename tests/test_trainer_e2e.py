@@ -79,7 +79,8 @@ def test_tiny_preset_trains_lora_and_discriminator(start_server, references, tmp
 
 
 def test_resume_gives_the_same_next_epochs_as_an_unbroken_run(start_server, references, tmp_path):
-    sets = ["optim.train_batch_size=4"]  # two micro-batches: the second has ratio != 1, a real loss
+    # Two micro-batches, one optimizer step each: the second has ratio != 1, a real loss.
+    sets = ["optim.train_batch_size=4", "optim.steps_per_epoch=2"]
     unbroken_server = start_server("--preset", "tiny", "--no-http")
     AdvGrpoTrainer(tiny_config(unbroken_server, references, tmp_path / "a", *sets, epochs=4)).run()
 

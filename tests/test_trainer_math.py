@@ -12,7 +12,17 @@ from safetensors.torch import load, save
 from advgrpo.trainer.ema import EMA
 from advgrpo.trainer.grpo import group_advantages, grpo_loss, ppo_clipped_loss
 from advgrpo.trainer.schedule import DiscriminatorSchedule
-from advgrpo.trainer.sde import cps_step, kl_to_reference, ode_step, sde_step, sde_window, step_kind
+from advgrpo.trainer.sde import (
+    check_trainable_steps,
+    cps_step,
+    kl_to_reference,
+    ode_step,
+    sde_step,
+    sde_window,
+    step_kind,
+    step_std,
+    trained_steps,
+)
 
 SHAPES = [(2, 4, 8, 8), (3, 1, 5, 7), (1, 16, 3, 3)]
 
@@ -192,17 +202,29 @@ def test_kl_to_reference():
 
 
 def test_sde_window_size_and_placement_over_many_seeds():
+    # Flow-GRPO-Fast draws the start from 0..num_steps//2, both ends included.
     starts = set()
     for seed in range(300):
         w = sde_window(10, 3, generator=torch.Generator().manual_seed(seed))
         assert len(w) == 3 and w.step == 1
-        assert 0 <= w.start <= 10 // 2 - 3  # inside the first half
+        assert 0 <= w.start <= 10 // 2
         starts.add(w.start)
         assert [step_kind(i, w) for i in range(10)].count("sde") == 3
-    assert starts == {0, 1, 2}  # every allowed placement occurs
+    assert starts == {0, 1, 2, 3, 4, 5}  # every allowed start occurs
     for seed in range(50):
-        w = sde_window(10, 2, generator=torch.Generator().manual_seed(seed), window_range=(2, 8))
-        assert 2 <= w.start and w.stop <= 8
+        w = sde_window(10, 2, generator=torch.Generator().manual_seed(seed), start_range=(2, 6))
+        assert 2 <= w.start <= 6 and w.stop <= 8
+
+
+def test_sde_window_fixed_start_is_adv_grpos_window():
+    # Adv-GRPO: train_num_steps = 2, random_timestep = 0 -> the SDE on steps 0 and 1, every epoch.
+    assert all(sde_window(10, 2, start=0, generator=torch.Generator().manual_seed(s)) == range(0, 2) for s in range(20))
+    assert sde_window(10, 2, start=4) == range(4, 6)
+    assert sde_window(10, 3, start=9) == range(7, 10)  # moved back to end at the last step
+    assert sde_window(10, 2, start_range=(3, 3)) == range(3, 5)  # a one-value range is fixed
+    for bad in (dict(start=10), dict(start=-1), dict(start_range=(4, 2)), dict(start_range=(0, 10))):
+        with pytest.raises(ValueError):
+            sde_window(10, 2, **bad)
 
 
 def test_sde_window_is_deterministic_and_degenerates_cleanly():
@@ -210,11 +232,46 @@ def test_sde_window_is_deterministic_and_degenerates_cleanly():
     b = [sde_window(40, 2, generator=torch.Generator().manual_seed(s)) for s in range(20)]
     assert a == b
     assert sde_window(10, 10) == range(10) and sde_window(10, 12) == range(10)  # plain Flow-GRPO
-    assert sde_window(4, 3) == range(0, 3)  # wider than the first half: starts at 0
-    assert sde_window(10, 3, window_range=(9, 10)) == range(7, 10)  # kept inside the trajectory
+    assert sde_window(4, 3, start=0) == range(0, 3)
+    assert sde_window(10, 3, start_range=(9, 9)) == range(7, 10)  # kept inside the trajectory
     assert step_kind(0, range(1, 3)) == "ode" and step_kind(1, range(1, 3)) == "sde"
     with pytest.raises(ValueError):
         sde_window(10, 0)
+
+
+# --------------------------------------------------------------------------- timestep selection
+
+
+def test_trained_steps_are_flow_grpos_prefix():
+    # Flow-GRPO: the first int(T * fraction) steps; 0.99 of 10 is 9, so the last step never trains.
+    assert trained_steps(range(10), 10, 0.99) == list(range(9))
+    assert trained_steps(range(10), 10, 1.0) == list(range(10))
+    assert trained_steps(range(10), 10, 0.5) == list(range(5))
+    # Positions inside the stored window: Adv-GRPO's window at step 0 trains both its steps.
+    assert trained_steps(range(0, 2), 10, 0.99) == [0, 1]
+    assert trained_steps(range(8, 10), 10, 0.99) == [0]  # step 9 is cut, step 8 stays
+    assert trained_steps((2, 3), 4, 0.99) == [0]  # any sequence of step indices
+
+
+def test_degenerate_steps_are_a_clear_error_never_a_division_by_zero():
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    sigmas_next = torch.tensor([0.75, 0.5, 0.25, 0.0])
+    # 'cps' at the last step: std = sigma' * sin(a*pi/2) = 0.
+    assert step_std("cps", 0.25, 0.0, 0.8) == 0.0 and step_std("cps", 0.5, 0.25, 0.8) > 0
+    assert step_std("sde", 0.25, 0.0, 0.7) > 0  # the SDE step still has noise there
+    with pytest.raises(ValueError, match=r"step 3 .*deterministic.*timestep_fraction"):
+        check_trainable_steps([0, 3], range(4), sigmas, sigmas_next, step="cps", noise_level=0.8)
+    check_trainable_steps([0, 1, 2], range(4), sigmas, sigmas_next, step="cps", noise_level=0.8)
+    check_trainable_steps([3], range(4), sigmas, sigmas_next, step="sde", noise_level=0.7, sigma_max=0.75)
+    with pytest.raises(ValueError, match="no step to train"):
+        check_trainable_steps([], range(3, 4), sigmas, sigmas_next, step="cps", noise_level=0.8)
+    # The KL refuses a zero std instead of returning inf/NaN.
+    mean = torch.zeros(2, 4, 2, 2)
+    with pytest.raises(ValueError, match="std is 0"):
+        kl_to_reference(mean, mean + 1, torch.zeros(2, 1, 1, 1))
+    # The sampled step itself: a zero std makes a log-prob that carries no gradient.
+    out = cps_step(mean, torch.ones_like(mean), 0.25, 0.0, noise_level=0.8, prev_sample=mean)
+    assert float(out.std.max()) == 0.0
 
 
 # --------------------------------------------------------------------------- advantages, losses
@@ -392,7 +449,10 @@ def test_trigger_and_off_schedules():
     assert trig.trains_discriminator(0, 0.6, 0.5) and not trig.trains_discriminator(0, 0.5, 0.5)
     assert not trig.trains_discriminator(3, 0.4, 0.5)
     assert not trig.trains_discriminator(0, None, 0.5) and not trig.trains_discriminator(0, 0.6, None)
-    assert all(trig.trains_generator(e, 0.6, 0.5) for e in range(3)) and trig.trains_generator(0)
+    # The discriminator trains *instead of* the generator: exactly one of them per epoch.
+    for means in [(0.6, 0.5), (0.5, 0.5), (0.4, 0.5), (None, 0.5), (0.6, None)]:
+        assert trig.trains_generator(0, *means) != trig.trains_discriminator(0, *means)
+    assert not trig.trains_generator(0, 0.6, 0.5) and trig.trains_generator(0, 0.4, 0.5) and trig.trains_generator(0)
     off = DiscriminatorSchedule(mode="off")
     assert all(off.trains_generator(e) and not off.trains_discriminator(e, 1.0, 0.0) for e in range(5))
     with pytest.raises(ValueError):

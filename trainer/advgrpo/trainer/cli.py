@@ -12,7 +12,7 @@ import yaml
 
 from advgrpo.common.errors import ConfigError
 from advgrpo.trainer import healthcheck
-from advgrpo.trainer.config import PRESETS, dump_train_config, load_train_config
+from advgrpo.trainer.config import PRESET_ALIASES, PRESETS, dump_train_config, load_train_config, preset_names
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,13 @@ def train_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one key, e.g. --set optim.lr=1e-4 (repeatable)",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="tiny, sd3.5m-dino, sd3.5m-pickscore, sd3.5m-ocr")
+    p.add_argument(
+        "--preset",
+        choices=preset_names(),
+        metavar="PRESET",
+        help=f"{', '.join(PRESETS)} (docs/METHOD.md); older names: "
+        + ", ".join(f"{old} = {new}" for old, new in PRESET_ALIASES.items()),
+    )
     p.add_argument("--server", help="reward server HOST:PORT (reward.server)")
     p.add_argument("--output-dir", type=Path, help="run directory: metrics.jsonl, checkpoints/, samples/")
     p.add_argument("--epochs", type=int, help="total epochs (run.epochs)")
@@ -39,7 +45,11 @@ def train_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder",
     )
-    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the merged config and exit (no references or prompts needed: those are checked when training starts)",
+    )
     return p
 
 
@@ -115,6 +125,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     settings.setdefault("resolution", 512)
     settings.setdefault("max_sequence_length", 128)
     settings.setdefault("seed", 0)
+    import torch
+
     from advgrpo.trainer.logs import save_grid
     from advgrpo.trainer.loop import generate_images
 
@@ -128,6 +140,10 @@ def generate_main(argv: list[str] | None = None) -> int:
             seed=settings.get("model_seed", 0),
         )
         sd3.load_lora(pipe, lora)
+        # Checkpoints written before model.vae_dtype decoded in the model's dtype.
+        vae_dtype = getattr(torch, settings.get("vae_dtype", settings.get("dtype", "float32")))
+        if pipe.vae.dtype != vae_dtype:
+            pipe.vae.to(dtype=vae_dtype)
     except ConfigError as exc:
         print(f"advgrpo-generate: {exc}", file=sys.stderr)
         return 2

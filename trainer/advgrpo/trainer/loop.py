@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import random
 import time
@@ -27,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from advgrpo.client import Group, RetryPolicy, RewardClient
 from advgrpo.common.errors import ConfigError
 from advgrpo.trainer import healthcheck
 from advgrpo.trainer.checkpoint import TrainerState, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
-from advgrpo.trainer.config import TrainConfig, dump_train_config
+from advgrpo.trainer.config import TrainConfig, backward_passes_per_step, dump_train_config, validate_for_training
 from advgrpo.trainer.ema import EMA
 from advgrpo.trainer.grpo import group_advantages, grpo_loss
 from advgrpo.trainer.logs import JsonlWriter, MetricsWriter, save_grid
@@ -46,7 +46,7 @@ from advgrpo.trainer.references import (
 from advgrpo.trainer.rewards import RewardStream
 from advgrpo.trainer.sampling import Conditioning, Trajectory, sample_with_logprobs, step_log_prob
 from advgrpo.trainer.schedule import DiscriminatorSchedule
-from advgrpo.trainer.sde import kl_to_reference, sde_window
+from advgrpo.trainer.sde import check_trainable_steps, kl_to_reference, sde_window, trained_steps
 
 from . import pipeline as sd3
 
@@ -77,12 +77,22 @@ class AdvGrpoTrainer:
     def __init__(self, cfg: TrainConfig, *, resume: str | Path | None = None):
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
-        self.accelerator = Accelerator(cpu=cfg.run.device == "cpu")
+        # The accumulation count is fixed here for DeepSpeed, whose engine takes it at prepare time
+        # (accelerate fills deepspeed_config.gradient_accumulation_steps from it); DDP and a single
+        # process get it per update (accumulate_gradients).
+        passes = backward_passes_per_step(cfg)
+        self.accelerator = Accelerator(cpu=cfg.run.device == "cpu", gradient_accumulation_steps=passes or 1)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED and passes is None:
+            raise ConfigError(
+                "sampling.sde_window_range: under DeepSpeed the number of trained steps must be the same every "
+                "epoch (its engine fixes the accumulation count); fix the window (sampling.sde_window_start)"
+            )
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.state = TrainerState(epoch=0, global_step=0)
+        validate_for_training(cfg, self.world)
         self._setup_data()  # local files first: their errors need no server
         self._setup_rewards()
         self._check_reference_coverage()
@@ -94,6 +104,8 @@ class AdvGrpoTrainer:
         self.metrics = MetricsWriter(self.out, tensorboard=cfg.run.tensorboard, enabled=self.is_main)
         self._ref_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-scoring")
         self.reward_log = JsonlWriter(self.out / f"rewards-rank{self.rank}.jsonl")
+        # Per rank, which model trained in each epoch and on which means: ranks must agree.
+        self.schedule_log = JsonlWriter(self.out / f"schedule-rank{self.rank}.jsonl")
         if resume is not None:
             self._resume(resume)
         healthcheck.progress("ready", epoch=self.state.epoch)
@@ -146,6 +158,9 @@ class AdvGrpoTrainer:
         else:
             self.prompts = self.references.prompts
         self.eval_prompts = cfg.data.eval_prompts or self.prompts[: cfg.run.eval_images]
+        self.eval_references = self.references
+        if cfg.data.eval_references is not None:
+            self.eval_references = load_reference_set(cfg.data.eval_references)
 
     def _check_reference_coverage(self) -> None:
         disc = self.cfg.adversarial.discriminator
@@ -159,6 +174,10 @@ class AdvGrpoTrainer:
         self.pipe = sd3.load_sd3_pipeline(
             cfg.model.pretrained, dtype=self.dtype, device=self.device, seed=cfg.model.seed
         )
+        # The VAE decodes in its own dtype (model.vae_dtype, fp32 by default), whatever the transformer's.
+        vae_dtype = getattr(torch, cfg.model.vae_dtype)
+        if self.pipe.vae.dtype != vae_dtype:  # (diffusers warns on every cast, even a no-op one)
+            self.pipe.vae.to(dtype=vae_dtype)
         self.transformer = self.pipe.transformer
         self.lora_params = sd3.add_lora(self.transformer, cfg.lora)
         self.lora_names = [n for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -200,9 +219,10 @@ class AdvGrpoTrainer:
 
     # ------------------------------------------------------------------ epochs
 
-    def epoch_prompt_ids(self, epoch: int) -> list[int]:
-        """This rank's images for the epoch, as prompt indices: every group of group_size images
-        of one prompt, shuffled across all ranks' batches (Flow-GRPO's repeat sampler)."""
+    def _epoch_ids(self, epoch: int) -> list[int]:
+        """Every rank's images of the epoch, as prompt indices, rank by rank: every group of
+        group_size images of one prompt, shuffled across all ranks' batches (Flow-GRPO's repeat
+        sampler). The same list on every rank."""
         s = self.cfg.sampling
         total = s.batch_size * s.batches_per_epoch * self.world
         n_groups = total // s.group_size
@@ -213,6 +233,11 @@ class AdvGrpoTrainer:
             chosen = [rng.randrange(len(self.prompts)) for _ in range(n_groups)]
         ids = [p for p in chosen for _ in range(s.group_size)]
         rng.shuffle(ids)
+        return ids
+
+    def epoch_prompt_ids(self, epoch: int) -> list[int]:
+        """This rank's images for the epoch, as prompt indices."""
+        ids = self._epoch_ids(epoch)
         per_rank = len(ids) // self.world
         return ids[self.rank * per_rank : (self.rank + 1) * per_rank]
 
@@ -221,7 +246,13 @@ class AdvGrpoTrainer:
         ids = self.epoch_prompt_ids(epoch)
         gen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.run.seed, epoch, self.rank, "noise"))
         wgen = torch.Generator(device="cpu").manual_seed(derived_seed(cfg.run.seed, epoch, "window"))
-        window = sde_window(s.num_steps, s.sde_window or s.num_steps, generator=wgen)
+        window = sde_window(
+            s.num_steps,
+            s.sde_window or s.num_steps,
+            start=s.sde_window_start,
+            start_range=s.sde_window_range,
+            generator=wgen,
+        )
         trajectories, images = [], []
         self.transformer.eval()
         for b in range(s.batches_per_epoch):
@@ -271,6 +302,7 @@ class AdvGrpoTrainer:
                 healthcheck.progress("saved", epoch=epoch)
         self.metrics.close()
         self.reward_log.close()
+        self.schedule_log.close()
         self._ref_pool.shutdown()
         self.client.close()
 
@@ -310,7 +342,7 @@ class AdvGrpoTrainer:
             for k, v in score.model_versions.items():
                 versions[k] = max(versions.get(k, 0), v)
         metrics: dict[str, Any] = {"epoch": epoch}
-        ref_groups, ref_mean = refs_future.result() if refs_future is not None else ([], None)
+        ref_sum, ref_count = refs_future.result() if refs_future is not None else (0.0, 0)
         t_reward = time.perf_counter() - t1 + (stream.wait_s if not cfg.reward.overlap else 0.0)
 
         all_rewards = self.accelerator.gather(rewards.to(self.device)).cpu()
@@ -324,16 +356,29 @@ class AdvGrpoTrainer:
             reward_versions=versions,
         )
         for k, v in components.items():
-            metrics[f"reward_{k}_mean"] = v.mean().item()
-            metrics[f"reward_{k}_std"] = v.std(unbiased=False).item()
-        gen_mean = components[disc].mean().item() if disc else None
+            gathered = self.accelerator.gather(v.to(self.device)).cpu()
+            metrics[f"reward_{k}_mean"] = gathered.mean().item()
+            metrics[f"reward_{k}_std"] = gathered.std(unbiased=False).item()
+        # The schedule's means over every rank's images, so that every rank takes the same branch.
+        gen_mean = metrics[f"reward_{disc}_mean"] if disc else None
+        ref_mean = None
         if disc:
+            totals = self.accelerator.reduce(
+                torch.tensor([ref_sum, ref_count], dtype=torch.float64, device=self.device), "sum"
+            )
+            ref_mean = float(totals[0] / totals[1]) if totals[1] > 0 else None
             metrics.update(generated_mean=gen_mean, reference_mean=ref_mean)
 
         t2 = time.perf_counter()
-        if disc and self.schedule.trains_discriminator(epoch, gen_mean, ref_mean):
-            metrics.update(self._update_discriminator(epoch, ref_groups, samples))
-        if self.schedule.trains_generator(epoch, gen_mean, ref_mean):
+        phase = (
+            "discriminator" if disc and self.schedule.trains_discriminator(epoch, gen_mean, ref_mean) else "generator"
+        )
+        self.schedule_log.write(
+            {"epoch": epoch, "rank": self.rank, "phase": phase, "generated_mean": gen_mean, "reference_mean": ref_mean}
+        )
+        if phase == "discriminator":
+            metrics.update(self._update_discriminator(epoch, samples))
+        else:  # exactly one of the two trains per epoch (Adv-GRPO)
             metrics.update(self._grpo_update(epoch, samples, advantages))
         t_train = time.perf_counter() - t2
         metrics.update(
@@ -348,34 +393,64 @@ class AdvGrpoTrainer:
         healthcheck.progress("epoch done", epoch=epoch)
         return metrics
 
-    def _score_references(self, epoch: int) -> tuple[list[Group], float | None]:
-        """This epoch's references (the epoch's prompts first), scored by the discriminator."""
+    def epoch_references(self, epoch: int) -> list[tuple[str, list[Path]]]:
+        """The references of the epoch, the same on every rank: the prompts of every rank's groups
+        first, ``adversarial.references_per_update`` images (0: as many as the epoch's generations
+        over all ranks, as the original)."""
         if self.references is None:
-            return [], None
+            return []
+        s = self.cfg.sampling
+        budget = self.cfg.adversarial.references_per_update or s.batch_size * s.batches_per_epoch * self.world
         rng = random.Random(derived_seed(self.cfg.run.seed, epoch, "references"))
-        prompts = [self.prompts[i] for i in dict.fromkeys(self.epoch_prompt_ids(epoch))]
-        chosen = self.references.pick(prompts, self.cfg.adversarial.references_per_update, rng)
-        res = self.cfg.model.resolution
-        groups = [
-            Group(p, [load_reference_image(path, res) for path in paths], f"ref-{i}")
-            for i, (p, paths) in enumerate(chosen.items())
-        ]
-        disc = self.cfg.adversarial.discriminator
-        scored = self.client.score(groups, {disc: 1.0})
-        values = [v for s in scored for v in s.components[disc]]
-        return groups, float(np.mean(values))
+        prompts = [self.prompts[i] for i in dict.fromkeys(self._epoch_ids(epoch))]
+        return list(self.references.pick(prompts, budget, rng).items())
 
-    def _update_discriminator(self, epoch: int, ref_groups: list[Group], samples: EpochSamples) -> dict[str, Any]:
+    def _load_references(self, chosen: list[tuple[str, list[Path]]], first: int = 0) -> list[Group]:
+        res = self.cfg.model.resolution
+        return [
+            Group(p, [load_reference_image(path, res) for path in paths], f"ref-{first + i}")
+            for i, (p, paths) in enumerate(chosen)
+        ]
+
+    def _score_references(self, epoch: int) -> tuple[float, int]:
+        """This rank's share of the epoch's references (every world-th group), scored by the
+        discriminator: (sum of rewards, count), summed over ranks by the caller."""
+        chosen = self.epoch_references(epoch)
+        share = [(i, c) for i, c in enumerate(chosen) if i % self.world == self.rank]
+        if not share:
+            return 0.0, 0
+        groups = [g for i, c in share for g in self._load_references([c], first=i)]
         disc = self.cfg.adversarial.discriminator
+        values = [v for s in self.client.score(groups, {disc: 1.0}) for v in s.components[disc]]
+        return float(np.sum(values, dtype=np.float64)), len(values)
+
+    def _gather_to_main(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's ``t`` (same shape on all) concatenated on the main process; None elsewhere."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        local = t.to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)] if self.is_main else None
+        dist.gather(local, parts, dst=0)
+        return torch.cat(parts).cpu() if self.is_main else None
+
+    def _update_discriminator(self, epoch: int, samples: EpochSamples) -> dict[str, Any]:
+        """One UpdateDiscriminator with every rank's generations and the epoch's references, sent
+        by the main process (one shared server: one atomic update per epoch)."""
+        disc = self.cfg.adversarial.discriminator
+        images = self._gather_to_main(torch.from_numpy(np.stack(samples.images)))
+        ids = self._gather_to_main(samples.prompt_ids)
         out: dict[str, Any] = {}
-        if self.is_main:  # one shared server: one update per epoch, from the main process's images
+        if self.is_main:
             by_prompt: dict[int, list[np.ndarray]] = {}
-            for pid, img in zip(samples.prompt_ids.tolist(), samples.images, strict=True):
+            for pid, img in zip(ids.tolist(), images.numpy(), strict=True):
                 by_prompt.setdefault(pid, []).append(img)
             generated = [Group(self.prompts[p], imgs, f"gen-{p}") for p, imgs in by_prompt.items()]
+            references = self._load_references(self.epoch_references(epoch))
             result = self.client.update_discriminator(
                 disc,
-                ref_groups,
+                references,
                 generated,
                 steps=self.cfg.adversarial.steps,
                 update_id=f"{self.cfg.run.output_dir}:{epoch}:{derived_seed(self.cfg.run.seed, epoch)}",
@@ -387,61 +462,28 @@ class AdvGrpoTrainer:
                 "d_version": result.version,
                 "d_reference_score": result.reference_score,
                 "d_generated_score": result.generated_score,
+                "d_references": sum(len(g.images) for g in references),
+                "d_generated": len(images),
             }
+        # The next epoch's rewards on every rank must come from the updated discriminator.
         self.accelerator.wait_for_everyone()
         return out
 
     def _grpo_update(self, epoch: int, samples: EpochSamples, advantages: torch.Tensor) -> dict[str, Any]:
-        cfg, s, o = self.cfg, self.cfg.sampling, self.cfg.optim
-        traj = samples.trajectories
-        latents = torch.cat([t.latents for t in traj])
-        next_latents = torch.cat([t.next_latents for t in traj])
-        old_logp = torch.cat([t.log_probs for t in traj])
-        ref = traj[0]
-        n, n_steps = old_logp.shape
-        prompts = [self.prompts[i] for i in samples.prompt_ids.tolist()]
+        """``optim.steps_per_epoch`` optimizer steps per inner epoch, each accumulated over an equal
+        share of the epoch's micro-batches (shuffled, Flow-GRPO) and over the trained steps."""
+        cfg, o = self.cfg, self.cfg.optim
+        batch = TrainBatch.from_samples(samples, advantages, self.prompts)
+        steps = self.trained_steps(batch)
+        n = batch.old_log_probs.shape[0]
         gen = torch.Generator().manual_seed(derived_seed(cfg.run.seed, epoch, self.rank, "train"))
-        n_train_steps = max(1, math.ceil(n_steps * o.timestep_fraction))
+        per_step = n // o.train_batch_size // o.steps_per_epoch
         stats: dict[str, list[float]] = {"loss": [], "policy_loss": [], "kl": [], "clip_frac": [], "approx_kl": []}
         self.transformer.train()
         for _ in range(o.inner_epochs):
-            perm = torch.randperm(n, generator=gen)
-            for start in range(0, n, o.train_batch_size):
-                mb = perm[start : start + o.train_batch_size]
-                cond = self._conditioning([prompts[i] for i in mb.tolist()])
-                steps = torch.randperm(n_steps, generator=gen)[:n_train_steps].tolist()
-                for j in steps:
-                    args = (
-                        latents[mb, j],
-                        next_latents[mb, j],
-                        ref.timesteps[j],
-                        ref.sigmas[j],
-                        ref.sigmas_next[j],
-                        cond,
-                    )
-                    kw = dict(
-                        guidance_scale=s.guidance_scale,
-                        step=s.step,
-                        noise_level=s.noise_level,
-                        sigma_max=ref.sigma_max,
-                        dtype=self.dtype,
-                    )
-                    with self.accelerator.autocast():
-                        out = step_log_prob(self.transformer, *args, **kw)
-                        kl = None
-                        if o.beta > 0:
-                            with torch.no_grad(), sd3.lora_disabled(self.accelerator.unwrap_model(self.transformer)):
-                                ref_out = step_log_prob(self.transformer, *args, **kw)
-                            # Flow-GRPO scale: divided by std_t (not std_t*sqrt(-dt)), so its beta carries over.
-                            kl = kl_to_reference(out.mean, ref_out.mean, out.std_t)
-                        loss, st = grpo_loss(
-                            out.log_prob, old_logp[mb, j], advantages[mb], o.clip_range, kl=kl, beta=o.beta
-                        )
-                    self.accelerator.backward(loss / len(steps))  # accumulate over timesteps
-                    stats["loss"].append(loss.item())
-                    for k in ("policy_loss", "kl", "clip_frac", "approx_kl"):
-                        if k in st:
-                            stats[k].append(float(st[k]))
+            micro = list(torch.randperm(n, generator=gen).split(o.train_batch_size))
+            for k in range(o.steps_per_epoch):
+                self.accumulate_gradients(batch, micro[k * per_step : (k + 1) * per_step], steps, stats)
                 grad_norm = self.accelerator.clip_grad_norm_(self.lora_params, o.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -452,7 +494,90 @@ class AdvGrpoTrainer:
         self.transformer.eval()
         out = {f"train_{k}": float(np.mean(v)) for k, v in stats.items() if v}
         out["train_grad_norm"] = float(grad_norm)
+        out["train_steps"] = len(steps)
         return out
+
+    def trained_steps(self, batch: "TrainBatch") -> list[int]:
+        """Positions in the stored window of the steps to train (Flow-GRPO's timestep selection);
+        a deterministic one among them is an error, never a division by zero."""
+        s = self.cfg.sampling
+        t = batch.trajectory
+        steps = trained_steps(t.step_indices, s.num_steps, self.cfg.optim.timestep_fraction)
+        try:
+            check_trainable_steps(
+                steps, t.step_indices, t.sigmas, t.sigmas_next, step=s.step, noise_level=s.noise_level,
+                sigma_max=t.sigma_max,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError(f"sampling/optim: {exc}") from None
+        return steps
+
+    def accumulate_gradients(
+        self,
+        batch: "TrainBatch",
+        micro_batches: list[torch.Tensor],
+        steps: list[int],
+        stats: dict[str, list[float]] | None = None,
+    ) -> None:
+        """Backward of the GRPO loss for every (micro-batch, step), accumulated into one gradient:
+        that of the mean loss over all of them, i.e. (equal micro-batches) of one micro-batch that
+        holds them all. accelerate's accumulation scales each loss and, under DDP, all-reduces only
+        on the last backward; the caller steps the optimizer."""
+        s, o = self.cfg.sampling, self.cfg.optim
+        t = batch.trajectory
+        passes = len(micro_batches) * len(steps)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            if passes != self.accelerator.gradient_accumulation_steps:
+                raise RuntimeError(
+                    f"accumulate_gradients: {passes} backward passes, but DeepSpeed accumulates "
+                    f"{self.accelerator.gradient_accumulation_steps} (fixed at start-up)"
+                )
+        else:
+            self.accelerator.gradient_accumulation_steps = passes
+        self.accelerator.step = 0  # accelerate counts backward passes; every optimizer step starts anew
+        kw = dict(
+            guidance_scale=s.guidance_scale,
+            step=s.step,
+            noise_level=s.noise_level,
+            sigma_max=t.sigma_max,
+            dtype=self.dtype,
+        )
+        for mb in micro_batches:
+            cond = self._conditioning([batch.prompts[i] for i in mb.tolist()])
+            for j in steps:
+                args = (
+                    batch.latents[mb, j],
+                    batch.next_latents[mb, j],
+                    t.timesteps[j],
+                    t.sigmas[j],
+                    t.sigmas_next[j],
+                    cond,
+                )
+                with self.accelerator.accumulate(self.transformer):
+                    with self.accelerator.autocast():
+                        out = step_log_prob(self.transformer, *args, **kw)
+                        kl = None
+                        if o.beta > 0:
+                            with torch.no_grad(), sd3.lora_disabled(self.accelerator.unwrap_model(self.transformer)):
+                                ref_out = step_log_prob(self.transformer, *args, **kw)
+                            # Flow-GRPO scale: divided by std_t (not std_t*sqrt(-dt)), so its beta carries over.
+                            kl = kl_to_reference(out.mean, ref_out.mean, out.std_t)
+                        loss, st = grpo_loss(
+                            out.log_prob,
+                            batch.old_log_probs[mb, j],
+                            batch.advantages[mb],
+                            o.clip_range,
+                            kl=kl,
+                            beta=o.beta,
+                        )
+                    self.accelerator.backward(loss)
+                if stats is not None:
+                    stats["loss"].append(loss.item())
+                    for k in ("policy_loss", "kl", "clip_frac", "approx_kl"):
+                        if k in st:
+                            stats[k].append(float(st[k]))
+        if not self.accelerator.sync_gradients:
+            raise RuntimeError("accumulate_gradients: accelerate did not reach its synchronising backward")
 
     # ------------------------------------------------------------------ eval, checkpoints
 
@@ -462,8 +587,42 @@ class AdvGrpoTrainer:
         with self._ema_weights():
             images = generate_images(self.pipe, self.eval_prompts, self.cfg, seed=self.cfg.run.seed)
         path = save_grid(images, self.out / "samples" / f"epoch-{epoch + 1:06d}.png")
-        self.metrics.write(self.state.global_step, {"epoch": epoch, "eval_grid": str(path)})
+        record: dict[str, Any] = {"epoch": epoch, "eval_grid": str(path)}
+        record.update(self.eval_scores(images))
+        self.metrics.write(self.state.global_step, record)
         return path
+
+    def eval_scores(self, images: list[np.ndarray]) -> dict[str, float]:
+        """The eval images' training reward and, as Adv-GRPO's evaluation reports it, their DINO
+        similarity to the eval prompts' references (the server's ``run.eval_similarity`` model:
+        cosine of DINOv2 CLS embeddings, maximum over a prompt's references)."""
+        weights = dict(self.cfg.reward.weights)
+        groups = [
+            Group(p, [img], f"eval-{i}") for i, (p, img) in enumerate(zip(self.eval_prompts, images, strict=True))
+        ]
+        scored = self.client.score(groups, weights)
+        out = {"eval_reward_mean": float(np.mean([s.rewards[0] for s in scored]))}
+        for k in weights:
+            out[f"eval_reward_{k}_mean"] = float(np.mean([s.components[k][0] for s in scored]))
+        sim = self.cfg.run.eval_similarity
+        refs = self.eval_references
+        if sim and sim in self.server_models and refs is not None:
+            res = self.cfg.model.resolution
+            with_refs = [
+                Group(
+                    g.prompt,
+                    g.images,
+                    g.group_id,
+                    references=[load_reference_image(path, res) for path in refs.images[g.prompt]],
+                )
+                for g in groups
+                if g.prompt in refs.images
+            ]
+            if with_refs:
+                values = [s.components[sim][0] for s in self.client.score(with_refs, {sim: 1.0})]
+                out["eval_similarity_mean"] = float(np.mean(values))
+                out["eval_similarity_images"] = len(values)
+        return out
 
     def _ema_weights(self):
         import contextlib
@@ -519,12 +678,37 @@ class AdvGrpoTrainer:
         log.info("resumed from %s at epoch %d (step %d)", directory, state.epoch, state.global_step)
 
 
+@dataclass
+class TrainBatch:
+    """An epoch's stored transitions of this rank, flattened over its sampling batches."""
+
+    latents: torch.Tensor  # [N, S, C, h, w]
+    next_latents: torch.Tensor  # [N, S, C, h, w]
+    old_log_probs: torch.Tensor  # [N, S]
+    advantages: torch.Tensor  # [N]
+    prompts: list[str]  # [N]
+    trajectory: Trajectory  # the first batch's: timesteps, sigmas and step indices (the same for all)
+
+    @classmethod
+    def from_samples(cls, samples: EpochSamples, advantages: torch.Tensor, prompts: list[str]) -> "TrainBatch":
+        traj = samples.trajectories
+        return cls(
+            latents=torch.cat([t.latents for t in traj]),
+            next_latents=torch.cat([t.next_latents for t in traj]),
+            old_log_probs=torch.cat([t.log_probs for t in traj]),
+            advantages=advantages,
+            prompts=[prompts[i] for i in samples.prompt_ids.tolist()],
+            trajectory=traj[0],
+        )
+
+
 def generation_settings(cfg: TrainConfig) -> dict[str, Any]:
     """What advgrpo-generate needs to reproduce the trainer's eval images."""
     return {
         "pretrained": cfg.model.pretrained,
         "model_seed": cfg.model.seed,
         "dtype": cfg.model.dtype,
+        "vae_dtype": cfg.model.vae_dtype,
         "resolution": cfg.model.resolution,
         "num_steps": cfg.sampling.eval_num_steps,
         "guidance_scale": cfg.sampling.guidance_scale,
@@ -560,7 +744,7 @@ def generate_images(
     s = cfg_or_settings if isinstance(cfg_or_settings, dict) else generation_settings(cfg_or_settings)
     pipe.set_progress_bar_config(disable=not progress)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
-    out = pipe(
+    latents = pipe(
         prompt=list(prompts),
         height=s["resolution"],
         width=s["resolution"],
@@ -568,9 +752,10 @@ def generate_images(
         guidance_scale=s["guidance_scale"],
         generator=generators,
         max_sequence_length=s["max_sequence_length"],
-        output_type="np",
+        output_type="latent",
     ).images
-    return [np.ascontiguousarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)) for img in out]
+    # Decoded by the VAE in its own dtype (fp32 unless model.vae_dtype says otherwise), like sampling.
+    return to_uint8(sd3.decode_latents(pipe, latents))
 
 
 def _json(obj: Any) -> str:

@@ -42,6 +42,7 @@ class Trajectory:
     sigmas_next: torch.Tensor  # [S]
     sigma_max: float  # the schedule's sigmas[1], used by the 'sde' step at sigma == 1
     final_latents: torch.Tensor  # [B, C, h, w]
+    step_indices: tuple[int, ...] = ()  # [S] the stored steps' positions in the trajectory (0-based)
 
 
 def guided_velocity(
@@ -124,6 +125,7 @@ def sample_with_logprobs(
         sigmas_next=sigmas[[i + 1 for i in idx]],
         sigma_max=sigma_max,
         final_latents=latents,
+        step_indices=tuple(idx),
     )
 
 

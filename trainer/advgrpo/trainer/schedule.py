@@ -1,18 +1,24 @@
-"""When the discriminator (the adversarial reward) and the generator train, per epoch (Adv-GRPO).
+"""Which model trains in an epoch: the discriminator (the adversarial reward) or the generator.
+Exactly one of them trains per epoch, as in Adv-GRPO's scripts (a discriminator epoch ends with
+``continue`` before the generator's update).
 
 Modes:
 
-* ``"ratio"`` (Adv-GRPO with the DINO reward, k = 10): within every block of k epochs the
-  discriminator trains on the first k-1 and the generator on the last one, i.e. D when
-  ``epoch % k != k - 1`` and G when ``epoch % k == k - 1`` (epochs are 0-based). So a run starts
-  by fitting D before G takes its first step against it, and 30 epochs with k = 10 give 27 D epochs
-  and 3 G epochs (9, 19, 29). With k = 1 the generator trains every epoch and D never.
-* ``"trigger"`` (Adv-GRPO with PickScore): the generator trains every epoch; D trains in the same
-  epoch when the generated images' mean reward exceeds the references' (the generator has caught
-  up with, or is exploiting, the reward). Without both means there is nothing to compare: no D.
+* ``"ratio"`` (Adv-GRPO with the DINO reward, ``d_times`` = k = 10): within every block of k epochs
+  the discriminator trains on the first k-1 and the generator on the last one, i.e. D when
+  ``epoch % k != k - 1`` (the original's ``(epoch + 1) % d_times != 0``; epochs are 0-based). A run
+  starts by fitting D; 30 epochs with k = 10 give 27 D epochs and 3 G epochs (9, 19, 29). With
+  k = 1 the generator trains every epoch and D never.
+* ``"trigger"`` (Adv-GRPO with PickScore): the discriminator trains *instead of* the generator in
+  an epoch whose generated images' mean reward is above the references' mean reward (the
+  generator has caught up with, or is exploiting, the reward); otherwise the generator trains.
+  Without both means there is nothing to compare: the generator trains.
 * ``"off"``: a fixed reward; the generator trains every epoch, D never.
 
-Pure functions of (epoch, means): no state, so resuming at any epoch gives the same schedule.
+The means must be the same on every rank (gathered over all ranks' images), so that every rank
+takes the same branch: a rank that trains D while another enters the generator's backward would
+leave the collectives mismatched. Pure functions of (epoch, means): resuming at any epoch gives
+the same schedule.
 """
 
 from __future__ import annotations
@@ -48,7 +54,5 @@ class DiscriminatorSchedule:
     def trains_generator(
         self, epoch: int, mean_generated_reward: float | None = None, mean_reference_reward: float | None = None
     ) -> bool:
-        del mean_generated_reward, mean_reference_reward  # only 'ratio' gates the generator, by epoch
-        if self.mode == "ratio":
-            return epoch % self.ratio_k == self.ratio_k - 1
-        return True
+        """The complement of ``trains_discriminator``: one of the two trains in every epoch."""
+        return not self.trains_discriminator(epoch, mean_generated_reward, mean_reference_reward)

@@ -167,6 +167,8 @@ def kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor | float) -> Tens
     """
     diff2 = (mean.float() - ref_mean.float()) ** 2
     std = torch.as_tensor(std, dtype=torch.float32, device=diff2.device)
+    if not bool((std > 0).all()):
+        raise ValueError("kl_to_reference: std is 0 (a deterministic step); the KL is undefined there")
     # Divide after averaging (std is constant over C,H,W), as Flow-GRPO does.
     return _mean_over_non_batch(diff2) / (2 * std.reshape(-1) ** 2)
 
@@ -175,18 +177,20 @@ def sde_window(
     num_steps: int,
     window_size: int,
     *,
+    start: int | None = None,
+    start_range: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
-    window_range: tuple[int, int] | None = None,
 ) -> range:
     """The steps that take the SDE step (and are stored and trained); the others take the ODE step.
 
-    Flow-GRPO-Fast: ``window_size`` consecutive steps starting at a random ``start`` drawn uniformly
-    from [lo, hi - window_size] (inclusive), with (lo, hi) = ``window_range`` or (0, num_steps // 2):
-    the window lies inside the first half of the trajectory, where the noise shapes the image.
-    When the window is wider than the range, it starts at lo (moved back only if it would run
-    past the last step).
-    ``window_size >= num_steps`` gives ``range(num_steps)`` (plain Flow-GRPO). Deterministic for a
-    seeded ``generator`` (global torch RNG otherwise); all ranks must draw the same window.
+    ``window_size`` consecutive steps from ``start``. With ``start`` given the window is fixed
+    there (Adv-GRPO: ``random_timestep = 0``). Otherwise ``start`` is drawn uniformly from
+    ``start_range`` = (lo, hi), both ends included, default (0, num_steps // 2): Flow-GRPO-Fast's
+    ``random.randint(0, num_steps // 2)``. A start that would run the window past the last step
+    is moved back so that the window ends at the last step.
+    ``window_size >= num_steps`` gives ``range(num_steps)`` (plain Flow-GRPO: every step).
+    Deterministic for a seeded ``generator`` (global torch RNG otherwise); all ranks must draw the
+    same window, so pass them a generator seeded alike.
     """
     if num_steps < 1:
         raise ValueError("sde_window: num_steps must be >= 1")
@@ -194,14 +198,68 @@ def sde_window(
         raise ValueError("sde_window: window_size must be >= 1")
     if window_size >= num_steps:
         return range(num_steps)
-    lo, hi = window_range if window_range is not None else (0, num_steps // 2)
-    if not 0 <= lo < hi <= num_steps:
-        raise ValueError(f"sde_window: window_range {(lo, hi)} must satisfy 0 <= lo < hi <= num_steps ({num_steps})")
-    fits = num_steps - window_size  # the last start that keeps the window inside the trajectory
-    first = min(lo, fits)
-    last = max(first, min(hi - window_size, fits))
-    start = first if last == first else int(torch.randint(first, last + 1, (1,), generator=generator).item())
+    last_start = num_steps - window_size  # the last start that keeps the window inside the trajectory
+    if start is None:
+        lo, hi = start_range if start_range is not None else (0, num_steps // 2)
+        if not 0 <= lo <= hi < num_steps:
+            raise ValueError(f"sde_window: start_range {(lo, hi)} must satisfy 0 <= lo <= hi < num_steps ({num_steps})")
+        start = lo if lo == hi else int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
+    elif not 0 <= start < num_steps:
+        raise ValueError(f"sde_window: start {start} must be in 0..{num_steps - 1}")
+    start = min(start, last_start)
     return range(start, start + window_size)
+
+
+def trained_steps(window: range, num_steps: int, timestep_fraction: float) -> list[int]:
+    """Positions (0-based, in the stored window) of the steps the GRPO update trains on.
+
+    Flow-GRPO trains the first ``int(num_steps * timestep_fraction)`` steps of the trajectory, in
+    order (``timestep_fraction = 0.99`` with 10 steps: steps 0..8, never the last one, where
+    sigma' = 0). Here only window steps are stored, so the trained steps are the window's steps
+    that lie in that prefix: all of Adv-GRPO's 2-step window at step 0, steps 0..8 of a full window.
+    """
+    limit = int(num_steps * timestep_fraction)
+    return [k for k, i in enumerate(window) if i < limit]
+
+
+def step_std(step: str, sigma: float, sigma_next: float, noise_level: float, sigma_max: float | None = None) -> float:
+    """The std of x' given x for one step (what the log-prob and the KL divide by); 0 means the
+    step is deterministic and carries no policy gradient."""
+    if step == "cps":
+        return float(sigma_next) * math.sin(noise_level * math.pi / 2)
+    if step == "sde":
+        denom = sigma_max if sigma == 1 and sigma_max is not None else sigma
+        if denom >= 1 or sigma <= sigma_next:
+            return 0.0
+        return noise_level * math.sqrt(sigma / (1 - denom)) * math.sqrt(sigma - sigma_next)
+    raise ValueError(f"unknown step {step!r} (expected 'sde' or 'cps')")
+
+
+def check_trainable_steps(
+    steps: list[int],
+    window: range,
+    sigmas: Tensor,
+    sigmas_next: Tensor,
+    *,
+    step: str,
+    noise_level: float,
+    sigma_max: float | None = None,
+) -> None:
+    """Raises ValueError naming the step when a trained step is deterministic (std 0): its log-prob
+    is constant and the KL would divide by zero (e.g. 'cps' at the last step, where sigma' = 0)."""
+    if not steps:
+        raise ValueError(
+            f"no step to train: the SDE window {list(window)} lies outside the trained prefix "
+            "(optim.timestep_fraction); widen the fraction or move the window (sampling.sde_window_start)"
+        )
+    for k in steps:
+        std = step_std(step, float(sigmas[k]), float(sigmas_next[k]), noise_level, sigma_max)
+        if not std > 0:
+            raise ValueError(
+                f"step {window[k]} (sigma {float(sigmas[k]):.4g} -> {float(sigmas_next[k]):.4g}) is deterministic "
+                f"under sampling.step={step!r} (std 0): it cannot be trained. Set optim.timestep_fraction below 1 "
+                "(Flow-GRPO: 0.99 skips the last step) or keep the SDE window off it"
+            )
 
 
 def step_kind(i: int, window: range) -> str:

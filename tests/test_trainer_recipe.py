@@ -1,0 +1,279 @@
+"""The method's recipe as the trainer puts it together (issue 13): presets that carry the original
+configs' values, --print-config without data, gradient accumulation that equals one step on the
+whole batch, the VAE in fp32, the discriminator's data from every rank and schedules that keep
+several processes in step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from advgrpo.common.errors import ConfigError
+from advgrpo.trainer.config import PRESET_ALIASES, PRESETS, load_train_config, validate_for_training
+
+from .conftest import REPO
+from .trainer_helpers import make_reference_set
+
+# (preset, key, value): the original config files' values (docs/METHOD.md cites each file).
+ORIGINAL_VALUES = [
+    # showlab/Adv-GRPO config/grpo.py:dino_cotrain_sd3_patch_fast
+    *[
+        ("dino_cotrain_sd3_patch_fast", k, v)
+        for k, v in {
+            "sampling.num_steps": 10,
+            "sampling.eval_num_steps": 40,
+            "sampling.guidance_scale": 4.5,
+            "sampling.step": "cps",
+            "sampling.noise_level": 0.8,
+            "sampling.sde_window": 2,  # train_num_steps
+            "sampling.sde_window_start": 0,  # random_timestep
+            "sampling.group_size": 16,  # num_image_per_prompt
+            "sampling.batch_size": 8,  # mini_num_image_per_prompt x train_batch_size 1
+            "sampling.batches_per_epoch": 12,  # int(48 / (8 * 8 / 16))
+            "optim.train_batch_size": 8,
+            "optim.steps_per_epoch": 2,  # gradient_accumulation_steps = num_batches_per_epoch // 2
+            "optim.clip_range": 1e-5,
+            "optim.beta": 0.0,
+            "optim.lr": 3e-4,
+            "optim.timestep_fraction": 0.99,
+            "optim.ema": True,
+            "optim.ema_decay": 0.9,
+            "optim.ema_every": 8,
+            "model.resolution": 512,
+            "model.vae_dtype": "float32",
+            "lora.rank": 32,
+            "lora.alpha": 64,
+            "reward.weights": {"dino": 1.0},
+            "adversarial.discriminator": "dino",
+            "adversarial.schedule": "ratio",
+            "adversarial.ratio_k": 10,  # d_times
+            "adversarial.references_per_update": 0,
+            "run.seed": 42,
+            "run.eval_every": 60,
+        }.items()
+    ],
+    ("pickscore_cotrain_sd3_fast", "adversarial.discriminator", "pickscore"),
+    ("pickscore_cotrain_sd3_fast", "adversarial.schedule", "trigger"),
+    ("pickscore_cotrain_sd3_fast", "adversarial.ratio_k", 20),
+    ("pickscore_cotrain_sd3_fast", "sampling.step", "cps"),
+    ("pickscore_cotrain_sd3_fast", "optim.clip_range", 1e-5),
+    ("ocr_cotrain_sd3_fast", "reward.weights", {"ocr": 0.5, "pickscore": 0.5}),
+    ("ocr_cotrain_sd3_fast", "adversarial.discriminator", "pickscore"),
+    # yifan123/flow_grpo config/grpo.py:pickscore_sd3 and general_ocr_sd3 (over config/base.py)
+    ("flow_grpo_pickscore_sd3", "sampling.step", "sde"),
+    ("flow_grpo_pickscore_sd3", "sampling.noise_level", 0.7),
+    ("flow_grpo_pickscore_sd3", "sampling.sde_window", 0),
+    ("flow_grpo_pickscore_sd3", "sampling.group_size", 24),
+    ("flow_grpo_pickscore_sd3", "sampling.batch_size", 9),
+    ("flow_grpo_pickscore_sd3", "sampling.batches_per_epoch", 4),  # int(48 / (32 * 9 / 24))
+    ("flow_grpo_pickscore_sd3", "optim.clip_range", 1e-4),
+    ("flow_grpo_pickscore_sd3", "optim.beta", 0.01),
+    ("flow_grpo_pickscore_sd3", "optim.steps_per_epoch", 2),
+    ("flow_grpo_pickscore_sd3", "optim.timestep_fraction", 0.99),
+    ("flow_grpo_pickscore_sd3", "adversarial.discriminator", ""),
+    ("flow_grpo_general_ocr_sd3", "optim.beta", 0.04),
+    ("flow_grpo_general_ocr_sd3", "reward.weights", {"ocr": 1.0}),
+]
+
+
+def _get(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@pytest.mark.parametrize("preset, key, value", ORIGINAL_VALUES, ids=[f"{p}:{k}" for p, k, _ in ORIGINAL_VALUES])
+def test_presets_carry_the_original_configs_values(preset, key, value):
+    assert _get(load_train_config(preset), key) == value
+
+
+def test_older_preset_names_are_aliases_of_the_methods_presets():
+    for old, new in PRESET_ALIASES.items():
+        assert new in PRESETS and load_train_config(old) == load_train_config(new)
+
+
+def test_print_config_needs_no_references_and_training_does():
+    out = subprocess.run(
+        [sys.executable, "-m", "advgrpo.trainer.train", "--preset", "dino_cotrain_sd3_patch_fast", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["sampling"]["step"] == "cps" and printed["optim"]["clip_range"] == 1e-5
+    assert printed["adversarial"]["references"] is None
+    cfg = load_train_config("dino_cotrain_sd3_patch_fast")
+    with pytest.raises(ConfigError, match="adversarial.references: required"):
+        validate_for_training(cfg, world_size=8)
+
+
+def test_config_refuses_a_deterministic_trained_step_and_uneven_accumulation():
+    with pytest.raises(ConfigError, match=r"timestep_fraction: with sampling.step=cps the last step"):
+        load_train_config("tiny", sets=["sampling.sde_window=0", "optim.timestep_fraction=1.0"])
+    load_train_config("tiny", sets=["sampling.sde_window=0", "optim.timestep_fraction=0.99"])
+    with pytest.raises(ConfigError, match="optim.steps_per_epoch"):
+        load_train_config("tiny", sets=["optim.train_batch_size=4", "optim.steps_per_epoch=3"])
+    with pytest.raises(ConfigError, match="sampling.sde_window_start"):
+        load_train_config("tiny", sets=["sampling.sde_window_start=4"])
+    # Per-process sizes of a 32-GPU config: a group spans processes, checked with the process count.
+    cfg = load_train_config("flow_grpo_pickscore_sd3", sets=["data.prompts=p.txt"])
+    validate_for_training(cfg, world_size=32)
+    with pytest.raises(ConfigError, match=r"sampling.group_size \(24\) must divide .* all 1 process"):
+        validate_for_training(cfg, world_size=1)
+
+
+# ------------------------------------------------------------------ with a trainer
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    return make_reference_set(tmp_path_factory.mktemp("refs"))
+
+
+def _trainer(tiny_server, references, tmp_path, *sets):
+    from advgrpo.trainer.loop import AdvGrpoTrainer
+
+    cfg = load_train_config(
+        "tiny",
+        sets=[f"adversarial.references={references}", *sets],
+        overrides={"reward": {"server": tiny_server.target}, "run": {"output_dir": str(tmp_path / "run")}},
+    )
+    return AdvGrpoTrainer(cfg)
+
+
+def _epoch_batch(trainer):
+    from advgrpo.trainer.loop import TrainBatch
+    from advgrpo.trainer.rewards import RewardStream
+
+    stream = RewardStream(trainer.client, trainer.score_weights)
+    trainer._submitted = []
+    samples = trainer.sample_epoch(0, stream)
+    stream.collect()
+    advantages = torch.linspace(-1.5, 1.5, len(samples.images))
+    return TrainBatch.from_samples(samples, advantages, trainer.prompts)
+
+
+def _grads(trainer) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in trainer.lora_params]
+
+
+@pytest.mark.slow
+def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_server, references, tmp_path):
+    trainer = _trainer(tiny_server, references, tmp_path, "optim.beta=0.04")
+    batch = _epoch_batch(trainer)
+    # Move the policy off the sampling policy: ratios != 1, some clipped, a real KL.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in trainer.lora_params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    steps = trainer.trained_steps(batch)
+    assert steps == [0, 1]  # the tiny preset's window: steps 0 and 1, both trained
+    n = batch.old_log_probs.shape[0]
+    trainer.accumulate_gradients(batch, [torch.arange(n)], steps)
+    whole = _grads(trainer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    stats: dict[str, list[float]] = {"loss": [], "policy_loss": [], "kl": [], "clip_frac": [], "approx_kl": []}
+    trainer.accumulate_gradients(batch, list(torch.randperm(n).split(2)), steps, stats)
+    accumulated = _grads(trainer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    assert sum(float(g.abs().sum()) for g in whole) > 0
+    for a, b in zip(whole, accumulated, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+    assert len(stats["loss"]) == 4 * 2 and max(stats["kl"]) > 0
+    # The loop: optim.steps_per_epoch optimizer steps per epoch, whatever the micro-batch count.
+    before = trainer.state.global_step
+    trainer.cfg.optim.train_batch_size, trainer.cfg.optim.steps_per_epoch = 2, 2
+    out = trainer._grpo_update(0, _samples_for(trainer, batch), batch.advantages)
+    assert trainer.state.global_step - before == 2 and out["train_steps"] == 2
+
+
+def _samples_for(trainer, batch):
+    from advgrpo.trainer.loop import EpochSamples
+
+    ids = torch.tensor([trainer.prompts.index(p) for p in batch.prompts])
+    return EpochSamples(ids, [batch.trajectory], [])
+
+
+@pytest.mark.slow
+def test_vae_decodes_in_fp32_under_a_bf16_transformer(tiny_server, references, tmp_path):
+    from advgrpo.trainer.loop import generate_images
+
+    trainer = _trainer(tiny_server, references, tmp_path, "model.dtype=bfloat16")
+    assert trainer.pipe.vae.dtype == torch.float32
+    assert next(trainer.transformer.parameters()).dtype == torch.bfloat16
+    images = generate_images(trainer.pipe, ["a red apple"], trainer.cfg, seed=0)
+    assert images[0].dtype == np.uint8 and images[0].shape == (32, 32, 3)
+    kept = _trainer(tiny_server, references, tmp_path / "bf16", "model.dtype=bfloat16", "model.vae_dtype=bfloat16")
+    assert kept.pipe.vae.dtype == torch.bfloat16
+    assert not np.array_equal(generate_images(kept.pipe, ["a red apple"], kept.cfg, seed=0)[0], images[0])
+
+
+# ------------------------------------------------------------------ two processes (accelerate, gloo)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(server, references, out, *sets, timeout=240):
+    cmd = [
+        # accelerate's multi-process launcher (torchrun); run.device=cpu makes each process's
+        # Accelerator MULTI_CPU, over gloo.
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        "-m", "advgrpo.trainer.train", "--preset", "tiny", "--server", server.target, "--output-dir", str(out),
+        "--set", f"adversarial.references={references}", "--set", "adversarial.references_per_update=0",
+        *[a for s in sets for a in ("--set", s)],
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    import os
+
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-4000:]
+    phases = {}
+    for rank in (0, 1):
+        lines = (out / f"schedule-rank{rank}.jsonl").read_text().splitlines()
+        phases[rank] = [json.loads(line) for line in lines]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return phases, {m["epoch"]: m for m in metrics if "reward_mean" in m}
+
+
+@pytest.mark.slow
+def test_two_processes_run_both_schedules_to_the_end_in_step(start_server, references, tmp_path):
+    for schedule, epochs in (("ratio", 2), ("trigger", 3)):
+        server = start_server("--preset", "tiny", "--no-http")  # a fresh discriminator per run
+        out = tmp_path / schedule
+        phases, records = _launch_two(
+            server, references, out, f"adversarial.schedule={schedule}", f"run.epochs={epochs}"
+        )
+        # Every rank took the same branch in every epoch, decided on the same (gathered) means.
+        assert [p["phase"] for p in phases[0]] == [p["phase"] for p in phases[1]]
+        assert len(phases[0]) == epochs
+        for a, b in zip(phases[0], phases[1], strict=True):
+            assert a["generated_mean"] == b["generated_mean"] and a["reference_mean"] == b["reference_mean"]
+        if schedule == "ratio":
+            assert [p["phase"] for p in phases[0]] == ["discriminator", "generator"]
+        else:
+            for p in phases[0]:  # trigger: D instead of G exactly when generations out-score references
+                assert p["phase"] == ("discriminator" if p["generated_mean"] > p["reference_mean"] else "generator")
+            # The untrained tiny discriminator scores the generations higher at first; once trained, lower.
+            assert {p["phase"] for p in phases[0]} == {"discriminator", "generator"}, phases[0]
+        for rec in records.values():
+            if "d_version" in rec:
+                # One update per D epoch with both ranks' generations (2 x 8) and as many references.
+                assert rec["d_generated"] == 16 and rec["d_references"] == 16, rec
+                assert "train_loss" not in rec
