@@ -324,6 +324,46 @@ def test_requests_carry_at_most_max_images_per_call():
     default.close()
 
 
+def test_a_group_with_references_is_never_split_and_its_references_count():
+    client = RewardClient("127.0.0.1:1", max_images_per_call=6)
+    tiny, ref = np.zeros((10, 10, 3), np.uint8), np.ones((10, 10, 3), np.uint8)  # 300 B each, raw
+    groups = [
+        client._encode_group(Group("a", [tiny] * 2), 0),
+        client._encode_group(Group("b", [tiny] * 3, references=[ref] * 2), 1),  # 5 images, 1500 B
+        client._encode_group(Group("c", [tiny] * 2), 2),
+    ]
+    assert groups[1].image_count() == 5 and groups[1].nbytes() > 5 * 300
+    for budget, max_images in ((1200, 6), (1 << 20, 6), (1 << 20, 4)):  # a limit the group alone exceeds too
+        client.max_images_per_call = max_images
+        requests = list(client._requests(groups, {}, budget))
+        sent = [(i, part) for _, parts in requests for i, part in parts]
+        assert (1, 0) in sent and (1, 1) not in sent, (budget, max_images)  # one part: the whole group
+        (carrier,) = [b for b, parts in requests if any(i == 1 for i, _ in parts)]
+        (b,) = [g for g in carrier.groups if g.index == 1]
+        assert len(b.images) == 3 and len(b.references) == 2
+        for batch, parts in requests:
+            if len(parts) > 1:  # requests with company stay within both limits, references included
+                assert sum(g.nbytes() for g in batch.groups) <= budget
+                assert sum(g.image_count() for g in batch.groups) <= max_images
+    # Divided into parallel calls, such groups still go whole, in at most parallel_calls calls.
+    parallel = RewardClient("127.0.0.1:1", parallel_calls=3, min_call_bytes=10_000)
+    rng = np.random.default_rng(0)
+    for sizes in ([4, 4, 4, 4], [1, 9, 2], [2] * 7):
+        big = [
+            parallel._encode_group(
+                Group("p", [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)] * n, references=[ref]), i
+            )
+            for i, n in enumerate(sizes)
+        ]  # 4800 B per image
+        requests = list(parallel._requests(big, {}, parallel._call_budget(big)))
+        assert len(requests) <= 3, sizes
+        assert all(part == 0 for _, parts in requests for _, part in parts)
+    parallel.close()
+    with pytest.raises(ValueError, match=r"generated\[0\] has Group.references"):
+        client.update_discriminator("dino", [Group("a", [tiny])], [Group("a", [tiny], references=[ref])])
+    client.close()
+
+
 def test_call_budget_divides_big_payloads_into_at_most_parallel_calls():
     client = RewardClient("127.0.0.1:1", parallel_calls=3, min_call_bytes=10_000)
     rng = np.random.default_rng(0)
@@ -352,7 +392,11 @@ def test_hand_written_wire_format_parses_as_the_same_score_request():
         ),
         client._encode_group(Group("", [np.zeros((300, 1, 3), np.uint8)]), 1),  # empty prompt, long varints
     ]
-    png = RewardClient("127.0.0.1:1", encoding="png")._encode_group(Group("p", [np.ones((3, 3, 3), np.uint8)]), 2)
+    refs = [np.full((2, 3, 3), 7, np.uint8), np.zeros((300, 1, 3), np.uint8)]
+    png = RewardClient("127.0.0.1:1", encoding="png")._encode_group(
+        Group("p", [np.ones((3, 3, 3), np.uint8)], references=refs), 2
+    )
+    assert len(png.references) == 2  # ImageGroup.references, PNG like the images
     batch = ScoreBatch(groups + [png], {"dino": 0.5, "ocr": 0.0, "pickscore": -2.25})
     expected = reward_pb2.ScoreRequest(weights=batch.weights)
     for g in batch.groups:

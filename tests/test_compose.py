@@ -349,7 +349,7 @@ def test_each_services_command_runs_as_a_local_process(profile, image_env, tmp_p
             log.flush()
             raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from None
         assert ready["grpc_port"] == ports[server_name][50051]
-        assert {m["name"] for m in ready["models"]} == {"dino", "pickscore", "ocr"}
+        assert {m["name"] for m in ready["models"]} == {"dino", "pickscore", "ocr", "dino_similarity"}
         for _ in range(40):
             if server_health.probe()[0] == 0:
                 break

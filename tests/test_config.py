@@ -65,9 +65,19 @@ def test_presets_load_and_yaml_merges_over_them(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("server: {port: 0}\nmodels:\n  ocr: null\n  dino: {params: {num_patches: 4}}\n")
     cfg = load_config("tiny", f)
-    assert [m.name for m in cfg.models] == ["dino", "pickscore"]
+    assert [m.name for m in cfg.models] == ["dino", "pickscore", "dino_similarity"]
     assert cfg.model("dino").params.num_patches == 4 and cfg.model("dino").params.backbone == "tiny"
     assert cfg.server.port == 0 and cfg.default_weights() == {"dino": 1.0}
+    # The evaluation metric is served, but not part of the default spec (it needs references).
+    for preset, backbone, size in (("tiny", "tiny", 56), ("sd3-adv", "facebook/dinov2-base", 518)):
+        sim = load_config(preset).model("dino_similarity")
+        assert (sim.kind, sim.weight, sim.params.backbone, sim.params.image_size) == (
+            "dino_similarity",
+            0,
+            backbone,
+            size,
+        )
+        assert sim.params.image_mean == (0.485, 0.456, 0.406) and sim.params.image_std == (0.229, 0.224, 0.225)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +86,11 @@ def test_presets_load_and_yaml_merges_over_them(tmp_path):
         ("models: {x: {kind: nope}}", "models.x.kind: expected one of"),
         ("models: {x: {kind: noop, wieght: 1}}", "models.x.wieght: unknown key"),
         ("models: {x: {kind: noop, batching: {max_batch_size: 0}}}", "max_batch_size: must be >= 1"),
+        (
+            "models: {x: {kind: dino_similarity, params: {reference_cache_bytes: -1}}}",
+            "reference_cache_bytes: must be >= 0",
+        ),
+        ("models: {x: {kind: dino_similarity, params: {num_patches: 4}}}", "models.x.params.num_patches: unknown key"),
         ("models: {}", "no models configured"),
         ("servr: {}", "servr: unknown key"),
         ("[1, 2]", "expected a mapping"),

@@ -167,7 +167,7 @@ def test_dashboard_renders_live_state(tiny_server, tmp_path):
     # Models table: every model, with its version.
     table = dom.find("table", id="models")
     rows = {r.attrs["data-model"]: r for r in table.find_all("tr") if "data-model" in r.attrs}
-    assert set(rows) == {"dino", "pickscore", "ocr"}
+    assert set(rows) == {"dino", "pickscore", "ocr", "dino_similarity"}
     dino = rows["dino"]
     assert dino.attrs["data-version"] == "1" and dino.attrs["data-trainable"] == "true"
     assert dino.find("td", data_field="version").text == "1"

@@ -17,7 +17,7 @@ from advgrpo.reward_server.web.app import _finite
 from .conftest import noise_image, smooth_image
 
 pytestmark = pytest.mark.slow
-MODELS = {"dino", "pickscore", "ocr"}
+MODELS = {"dino", "pickscore", "ocr", "dino_similarity"}
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def test_the_server_alone_serves_the_tiny_preset(tmp_path, wheels):
     names = installed(bin_dir)
     assert "advgrpo-reward-server" in names and not names & (TRAINER_ONLY | {"advgrpo-trainer"}), names
     with ServerProcess(["--preset", "tiny"], command=[str(bin_dir / "advgrpo-reward-server")]) as server:
-        assert {m["name"] for m in server.info["models"]} == {"dino", "pickscore", "ocr"}
+        assert {m["name"] for m in server.info["models"]} == {"dino", "pickscore", "ocr", "dino_similarity"}
         with RewardClient(server.target) as c:
             [s] = c.score([Group('a sign that says "hi"', images(2))], {"dino": 1.0, "ocr": 0.5, "pickscore": 1.0})
             assert len(s.rewards) == 4 and np.isfinite(s.rewards).all()

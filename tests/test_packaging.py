@@ -47,7 +47,8 @@ def test_reward_server_dockerfile_copies_existing_paths_and_runs_a_valid_command
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
     assert config["server"]["port"] == 50051 and config["server"]["http_port"] == 8080
-    assert config["server"]["state_dir"] == "/state" and set(config["models"]) == {"dino", "pickscore", "ocr"}
+    assert config["server"]["state_dir"] == "/state"
+    assert set(config["models"]) == {"dino", "pickscore", "ocr", "dino_similarity"}
 
 
 @pytest.mark.slow
@@ -82,7 +83,7 @@ def test_the_docker_images_files_build_a_server_that_starts(image_env, tmp_path)
         line = proc.stdout.readline()
         assert line, proc.stderr.read()[-3000:]
         ready = json.loads(line)
-        assert {m["name"] for m in ready["models"]} == {"dino", "pickscore", "ocr"}
+        assert {m["name"] for m in ready["models"]} == {"dino", "pickscore", "ocr", "dino_similarity"}
     finally:
         proc.terminate()
         proc.wait(timeout=60)

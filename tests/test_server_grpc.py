@@ -60,8 +60,10 @@ def expect_status(call, request, code: grpc.StatusCode, *fragments: str) -> str:
 
 def test_list_models(client):
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == {"dino", "pickscore", "ocr"}
+    assert set(models) == {"dino", "pickscore", "ocr", "dino_similarity"}
     assert models["dino"].trainable and models["pickscore"].trainable and not models["ocr"].trainable
+    sim = models["dino_similarity"]
+    assert sim.kind == "dino_similarity" and not sim.trainable and sim.default_weight == 0.0
     assert models["dino"].kind == "dino" and models["dino"].default_weight == 1.0
 
 

@@ -68,7 +68,7 @@ def test_restart_resumes_versions_and_scores(start_server, tmp_path):
         client.update_discriminator("pickscore", [Group("a", refs)], [Group("a", gens)])
         before_versions = {m.name: m.version for m in client.list_models()}
         before_scores = client.score(probe, {"dino": 1.0, "pickscore": 1.0})[0]
-    assert before_versions == {"dino": 3, "pickscore": 1, "ocr": 0}
+    assert before_versions == {"dino": 3, "pickscore": 1, "ocr": 0, "dino_similarity": 0}
     assert server.stop() == 0
     assert (state / "dino.safetensors").exists() and (state / "pickscore.safetensors").exists()
 

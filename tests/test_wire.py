@@ -40,25 +40,35 @@ def as_dict(msg, descriptor) -> dict:
     return out
 
 
+def random_images(rng: random.Random, n: int) -> list[reward_pb2.Image]:
+    images = []
+    for _ in range(n):
+        h, w = rng.randint(0, 300), rng.randint(0, 9)
+        image = reward_pb2.Image(
+            encoding=rng.choice([0, 1, 2, 3, 7, -5]),  # open enum: unknown values are kept
+            height=h,
+            width=w,
+            data=rng.randbytes(rng.choice([0, 1, h * w * 3])),
+        )
+        if rng.random() < 0.3:
+            image.shared_memory.name = rng.choice(["", "advgrpo-1-a"])
+            image.shared_memory.offset = rng.choice([0, 64, 2**40])
+            image.shared_memory.size = rng.choice([0, h * w * 3])
+        images.append(image)
+    return images
+
+
 def random_groups(rng: random.Random, n_groups: int) -> list[reward_pb2.ImageGroup]:
     groups = []
     for g in range(n_groups):
-        images = []
-        for _ in range(rng.randint(0, 4)):
-            h, w = rng.randint(0, 300), rng.randint(0, 9)
-            image = reward_pb2.Image(
-                encoding=rng.choice([0, 1, 2, 3, 7, -5]),  # open enum: unknown values are kept
-                height=h,
-                width=w,
-                data=rng.randbytes(rng.choice([0, 1, h * w * 3])),
-            )
-            if rng.random() < 0.3:
-                image.shared_memory.name = rng.choice(["", "advgrpo-1-a"])
-                image.shared_memory.offset = rng.choice([0, 64, 2**40])
-                image.shared_memory.size = rng.choice([0, h * w * 3])
-            images.append(image)
+        images = random_images(rng, rng.randint(0, 4))
+        references = random_images(rng, rng.choice([0, 0, 1, 3]))  # ImageGroup.references
         prompt = rng.choice(["", "a cat", 'a sign saying "OPEN"', "ünïcødé “quotes” 猫", "x" * 200])
-        groups.append(reward_pb2.ImageGroup(group_id=rng.choice(["", f"g{g}"]), prompt=prompt, images=images))
+        groups.append(
+            reward_pb2.ImageGroup(
+                group_id=rng.choice(["", f"g{g}"]), prompt=prompt, images=images, references=references
+            )
+        )
     return groups
 
 
@@ -97,17 +107,20 @@ def test_image_data_is_a_view_of_the_received_bytes():
     request = ScoreRequest(
         groups=[
             reward_pb2.ImageGroup(
-                prompt="p", images=[reward_pb2.Image(encoding=1, height=4, width=5, data=pixels.tobytes())]
+                prompt="p",
+                images=[reward_pb2.Image(encoding=1, height=4, width=5, data=pixels.tobytes())],
+                references=[reward_pb2.Image(encoding=1, height=4, width=5, data=pixels[::-1].tobytes())],
             )
         ]
     )
     data = request.SerializeToString()
     parsed = wire.parse(ScoreRequest, data)
-    view = parsed.groups[0].images[0].data
-    assert isinstance(view, memoryview) and view.obj is data
-    decoded = decode_image(parsed.groups[0].images[0], "groups[0].images[0]")
-    np.testing.assert_array_equal(decoded, pixels)
-    assert np.shares_memory(decoded, np.frombuffer(data, np.uint8))  # no copy on the way
+    for what, want in (("images", pixels), ("references", pixels[::-1])):  # references: like images
+        image = getattr(parsed.groups[0], what)[0]
+        assert isinstance(image.data, memoryview) and image.data.obj is data
+        decoded = decode_image(image, f"groups[0].{what}[0]")
+        np.testing.assert_array_equal(decoded, want)
+        assert np.shares_memory(decoded, np.frombuffer(data, np.uint8))  # no copy on the way
 
 
 def test_unknown_fields_are_skipped_like_protobuf():

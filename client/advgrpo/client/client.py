@@ -277,7 +277,15 @@ class RewardClient:
 
         It is one request (one atomic update). Through the socket, raw images that would make it
         larger than ``max_message_bytes`` go as PNG (lossless: the same pixels, the same update);
-        if even that is too large, ValueError, before anything is sent."""
+        if even that is too large, ValueError, before anything is sent. ``Group.references`` has
+        no place here (ValueError): an update's real images are its ``references`` argument."""
+        for name, groups in (("references", references), ("generated", generated)):
+            for i, g in enumerate(groups):
+                if len(g.references):
+                    raise ValueError(
+                        f"update_discriminator: {name}[{i}] has Group.references, which only score uses; "
+                        "pass the real images as update_discriminator's references"
+                    )
         request = UpdateBatch(
             model,
             [self._encode_group(g, i) for i, g in enumerate(references)],

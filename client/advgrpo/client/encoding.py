@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,35 +30,53 @@ FIELD_OVERHEAD = 16  # bytes of tags and lengths per image / group, generously
 # ---------------------------------------------------------------- images
 
 
+EncodedImage = tuple[int, int, int, Any]  # (encoding, height, width, data: bytes-like or SharedRef)
+
+
 @dataclass
 class EncodedGroup:
-    """A group as it goes on the wire: ``index``, its position in the caller's sequence."""
+    """A group as it goes on the wire: ``index``, its position in the caller's sequence.
+    ``references``: ImageGroup.references, encoded like the images; a group that has them is
+    never split (advgrpo.client.packing)."""
 
     index: int
     group_id: str
     prompt: str
-    images: list[tuple[int, int, int, Any]]  # (encoding, height, width, data: bytes-like or SharedRef)
+    images: list[EncodedImage]
+    references: list[EncodedImage] = field(default_factory=list)
 
     def head_bytes(self) -> int:
-        """An upper bound of the serialised ImageGroup's size without its images."""
+        """An upper bound of the serialised ImageGroup's size without its images and references."""
         return len(self.group_id.encode()) + len(self.prompt.encode()) + 2 * FIELD_OVERHEAD
 
     def nbytes(self) -> int:
         """An upper bound of the serialised ImageGroup's size."""
-        return self.head_bytes() + sum(len(data) + FIELD_OVERHEAD for *_, data in self.images)
+        return self.head_bytes() + sum(len(data) + FIELD_OVERHEAD for *_, data in self.images + self.references)
+
+    def image_count(self) -> int:
+        """Images the server counts toward ``max_images_per_request``: references included."""
+        return len(self.images) + len(self.references)
+
+    def with_images(self, fn: Callable[[EncodedImage], EncodedImage]) -> "EncodedGroup":
+        """This group with ``fn`` applied to each image, then to each reference, in order."""
+        images = [fn(image) for image in self.images]
+        return EncodedGroup(self.index, self.group_id, self.prompt, images, [fn(ref) for ref in self.references])
 
     def add_to(self, groups) -> None:
         """Appends this group to a repeated ImageGroup field (images set in place, no extra copy)."""
         g = groups.add(group_id=self.group_id, prompt=self.prompt)
-        for encoding, height, width, data in self.images:
-            g.images.add(encoding=encoding, height=height, width=width, data=bytes(data))
+        for field_, images in ((g.images, self.images), (g.references, self.references)):
+            for encoding, height, width, data in images:
+                field_.add(encoding=encoding, height=height, width=width, data=bytes(data))
 
 
 def encode_group(group: Group, index: int, encoding: str) -> EncodedGroup:
-    """``group``'s images encoded (``encoding``: "raw", "png" or "jpeg"); raw RGB8 pixels stay
-    views of the caller's uint8 arrays where they can. A group without an id gets its index."""
+    """``group``'s images and references encoded (``encoding``: "raw", "png" or "jpeg"); raw RGB8
+    pixels stay views of the caller's uint8 arrays where they can. A group without an id gets its
+    index."""
     images = [encode_image_parts(img, encoding) for img in group.images]
-    return EncodedGroup(index, group.group_id or str(index), group.prompt, images)
+    refs = [encode_image_parts(img, encoding) for img in group.references]
+    return EncodedGroup(index, group.group_id or str(index), group.prompt, images, refs)
 
 
 def png_parts(encoding: int, height: int, width: int, data) -> tuple[int, int, int, Any]:
@@ -163,17 +181,18 @@ def group_chunks(number: int, g: EncodedGroup) -> list:
         prompt = g.prompt.encode()
         head += len_field(2, len(prompt)) + prompt
     body: list = [head]
-    for encoding, height, width, data in g.images:
-        fields = b"".join(
-            varint(tag) + varint(value)
-            for tag, value in ((0x08, encoding), (0x10, height), (0x18, width))
-            if value  # proto3 leaves zero scalars out
-        )
-        if isinstance(data, SharedRef):
-            fields += data.serialize()
-            data = b""
-        fields += len_field(4, len(data)) if len(data) else b""
-        body += [len_field(3, len(fields) + len(data)), fields, data]
+    for field_number, images in ((3, g.images), (4, g.references)):  # ImageGroup.images, .references
+        for encoding, height, width, data in images:
+            fields = b"".join(
+                varint(tag) + varint(value)
+                for tag, value in ((0x08, encoding), (0x10, height), (0x18, width))
+                if value  # proto3 leaves zero scalars out
+            )
+            if isinstance(data, SharedRef):
+                fields += data.serialize()
+                data = b""
+            fields += len_field(4, len(data)) if len(data) else b""
+            body += [len_field(field_number, len(fields) + len(data)), fields, data]
     return [len_field(number, sum(len(b) for b in body)), *body]
 
 
@@ -248,15 +267,13 @@ def fit_inline(request: ScoreBatch | UpdateBatch, max_message_bytes: int, target
         "server.max_message_bytes), or send fewer images per update"
     )
     groups = request.all_groups()
-    if not any(e == RAW for g in groups for e, *_ in g.images):
+    if not any(e == RAW for g in groups for e, *_ in g.images + g.references):
         raise ValueError(
             f"update_discriminator request is {raw_size} bytes, over the message limit of "
             f"{limit} bytes (max_message_bytes): {fix}"
         )
     t0 = time.perf_counter()
-    fitted = request.with_groups(
-        [EncodedGroup(g.index, g.group_id, g.prompt, [png_parts(*image) for image in g.images]) for g in groups]
-    )
+    fitted = request.with_groups([g.with_images(lambda image: png_parts(*image)) for g in groups])
     size = fitted.nbytes()
     if size > limit:
         raise ValueError(

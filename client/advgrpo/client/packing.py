@@ -29,11 +29,26 @@ def pack_requests(
     filling each request image by image: a group that does not fit the room left is split there
     (one image always goes, so an image bigger than the budget travels alone). Every request but
     the last thus holds more than ``budget`` minus one image, or ``max_images`` images. Sizes are
-    summed from the image bytes (protobuf's ByteSize() walks 12 MB per call)."""
+    summed from the image bytes (protobuf's ByteSize() walks 12 MB per call).
+
+    A group with references is one unit, never split: each image is scored against all of them,
+    and they count toward the request's bytes and images like images do. It goes whole where it
+    fits the room left, else it starts a new request (alone, it goes even if over a limit: the
+    server then refuses it)."""
     batch = ScoreBatch([], dict(weights or {}))
     parts: PartList = []
     size = count = 0  # bytes and images in ``batch``
     for enc in encoded:
+        if enc.references:
+            whole, n = enc.nbytes(), enc.image_count()
+            if parts and (size + whole > budget or count + n > max_images):
+                yield batch, parts
+                batch, parts, size, count = ScoreBatch([], dict(weights or {})), [], 0, 0
+            batch.groups.append(enc)
+            parts.append((enc.index, 0))
+            size += whole
+            count += n
+            continue
         head, images = enc.head_bytes(), enc.images
         start = part_no = 0
         while True:
@@ -65,12 +80,16 @@ def pack_requests(
 def call_budget(encoded: Sequence[EncodedGroup], chunk_bytes: int, parallel_calls: int, min_call_bytes: int) -> int:
     """Bytes per Score call for ``encoded``: the message budget ``chunk_bytes``, or for a payload
     worth dividing, about 1/n of it (n <= parallel_calls, each part >= min_call_bytes) plus one
-    image and a group header, so that ``pack_requests`` ends with at most n calls."""
+    image (or one whole group with references: those are not split) and a group header, so that
+    ``pack_requests`` ends with at most n calls."""
     total = sum(e.nbytes() for e in encoded)
     n = min(parallel_calls, total // min_call_bytes)
     if n < 2:
         return chunk_bytes
-    largest = max((len(data) + FIELD_OVERHEAD for e in encoded for *_, data in e.images), default=0)
+    largest = max(
+        (e.nbytes() if e.references else len(data) + FIELD_OVERHEAD for e in encoded for *_, data in e.images),
+        default=0,
+    )
     head = max(e.head_bytes() for e in encoded)
     return min(chunk_bytes, -(-total // n) + largest + head)
 

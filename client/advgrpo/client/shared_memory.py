@@ -22,12 +22,15 @@ Request = TypeVar("Request", ScoreBatch, UpdateBatch)
 
 
 def place_groups(groups: list[EncodedGroup], arena: SharedMemoryArena) -> list[EncodedGroup]:
-    """Copies every image's bytes into ``arena``; the groups with SharedRefs in their place."""
-    refs = iter(arena.place([data for g in groups for *_, data in g.images]))
-    return [
-        EncodedGroup(g.index, g.group_id, g.prompt, [(e, h, w, SharedRef(*next(refs))) for e, h, w, _ in g.images])
-        for g in groups
-    ]
+    """Copies every image's (and reference's) bytes into ``arena``; the groups with SharedRefs in
+    their place."""
+    slices = iter(arena.place([data for g in groups for *_, data in g.images + g.references]))
+
+    def placed(image):
+        e, h, w, _ = image
+        return e, h, w, SharedRef(*next(slices))
+
+    return [g.with_images(placed) for g in groups]  # images, then references: the order placed
 
 
 def place_request(request: Request, arena: SharedMemoryArena) -> Request:

@@ -15,11 +15,18 @@ __all__ = ["ClientRpcError", "Group", "GroupScore", "ModelInfo", "UpdateResult"]
 
 @dataclass
 class Group:
-    """One prompt's images. ``images``: PIL images, uint8 HWC arrays, or float CHW/HWC tensors in [0, 1]."""
+    """One prompt's images. ``images``: PIL images, uint8 HWC arrays, or float CHW/HWC tensors in [0, 1].
+
+    ``references``: the prompt's reference images (same types), for models that compare each image
+    with them (kind "dino_similarity"); other models ignore them. A group with references always
+    travels whole, with all of them, in one Score request (never split across calls), and they
+    count toward the request's images (``max_images_per_call``) and bytes. ``score`` only:
+    ``update_discriminator`` takes its references as its own argument."""
 
     prompt: str
     images: Sequence[Any]
     group_id: str = ""
+    references: Sequence[Any] = ()
 
 
 class ClientRpcError(grpc.RpcError):

@@ -52,6 +52,22 @@ class DinoParams:
 
 
 @dataclass
+class DinoSimilarityParams:
+    """Adv-GRPO's evaluation metric ("image_similarity"): an image's score is the cosine similarity
+    of its DINOv2 CLS embedding (the final-layer-normed CLS token) to those of its group's reference
+    images (``ImageGroup.references``), the maximum over them. Frozen; fp32."""
+
+    backbone: str = "facebook/dinov2-base"  # model id, local path, or "tiny"
+    image_size: int = 518
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    seed: int = 0  # initialisation of a "tiny" backbone
+    # CLS embeddings of reference images, kept by content (the same references come with every
+    # request for their prompt): 3 KiB per ViT-B/14 reference, so 64 MiB hold ~20k. 0 disables it.
+    reference_cache_bytes: int = 64 << 20
+
+
+@dataclass
 class PickScoreParams:
     """CLIP scored as PickScore; optionally trained as a pairwise discriminator."""
 
@@ -91,6 +107,7 @@ class BrightnessParams:
 
 KIND_PARAMS: dict[str, type] = {
     "dino": DinoParams,
+    "dino_similarity": DinoSimilarityParams,
     "pickscore": PickScoreParams,
     "ocr": OcrParams,
     "noop": NoopParams,
@@ -176,6 +193,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "params": {"model": TINY, "processor": TINY, "lr": 1e-3},
             },
             "ocr": {"kind": "ocr", "batching": {"max_batch_size": 8}},
+            # The evaluation metric (weight 0: asked for by name, with references in the groups).
+            "dino_similarity": {
+                "kind": "dino_similarity",
+                "params": {"backbone": TINY, "image_size": 56, "reference_cache_bytes": 16 << 20},
+            },
         },
     },
     # The real models of Adv-GRPO on SD3.5-M.
@@ -184,6 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dino": {"kind": "dino", "weight": 1.0, "params": {}},
             "pickscore": {"kind": "pickscore", "params": {}},
             "ocr": {"kind": "ocr", "batching": {"max_batch_size": 8}},
+            "dino_similarity": {"kind": "dino_similarity", "params": {}},
         },
     },
     # A no-op model only: measures transport.
@@ -289,6 +312,12 @@ def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
             for key in ("feature_cache_bytes", "recent_feature_cache_bytes"):
                 if getattr(p, key) < 0:
                     raise ConfigError(f"models.{m.name}.params.{key}: must be >= 0 (0 disables the cache)")
+        if m.kind == "dino_similarity":
+            p = m.params
+            if p.image_size < 1:
+                raise ConfigError(f"models.{m.name}.params.image_size: must be >= 1")
+            if p.reference_cache_bytes < 0:
+                raise ConfigError(f"models.{m.name}.params.reference_cache_bytes: must be >= 0 (0 disables the cache)")
         if m.kind == "noop" and not 0.0 <= m.params.delay_ms <= 60_000:
             raise ConfigError(f"models.{m.name}.params.delay_ms: must be in [0, 60000]")
 

@@ -13,53 +13,68 @@ from advgrpo.reward_server.host import DecodedBytesTicket, GroupInput, ModelHost
 Fields = Sequence[tuple[str, Sequence[reward_pb2.ImageGroup]]]  # (field name, its groups)
 
 
-def _decode_request(host: ModelHost, fields: Fields, ticket: DecodedBytesTicket) -> list[list[GroupInput]]:
+def _images(groups: Sequence[reward_pb2.ImageGroup], references: bool):
+    """(group index, what, image index, Image) of every image the server decodes: each group's
+    ``images``, then with ``references`` its ``references`` (Score; UpdateDiscriminator ignores them)."""
+    for i, g in enumerate(groups):
+        for j, img in enumerate(g.images):
+            yield i, "images", j, img
+        if references:
+            for j, img in enumerate(g.references):
+                yield i, "references", j, img
+
+
+def _decode_request(
+    host: ModelHost, fields: Fields, ticket: DecodedBytesTicket, references: bool = False
+) -> list[list[GroupInput]]:
     """Checks every image's size and the request's decoded-bytes budget, takes its share of the
     server's (``ticket``), then decodes them all: nothing is decoded or copied out of shared
-    memory before every check has passed."""
+    memory before every check has passed. ``references``: each group's references too, decoded
+    once per group (they count toward both budgets like images)."""
     server, shm = host.config.server, host.shared_memory
     limits = (server.max_image_side, shm, server.max_aspect_ratio)
     sizes, total = [], 0
     for field, groups in fields:
-        for i, g in enumerate(groups):
-            for j, img in enumerate(g.images):
-                h, w, extra = image_size(img, f"{field}[{i}].images[{j}]", *limits)
-                sizes.append((h, w))
-                total += h * w * 3 + extra
+        for i, what, j, img in _images(groups, references):
+            h, w, extra = image_size(img, f"{field}[{i}].{what}[{j}]", *limits)
+            sizes.append((h, w))
+            total += h * w * 3 + extra
     host.check_decoded_bytes(total, len(sizes))
     ticket.take(total, len(sizes))
     size = iter(sizes)
-    return [
-        [
-            GroupInput(
-                g.group_id,
-                g.prompt,
-                [decode_image(img, f"{field}[{i}].images[{j}]", *limits, next(size)) for j, img in enumerate(g.images)],
-            )
-            for i, g in enumerate(groups)
-        ]
-        for field, groups in fields
-    ]
+    out = []
+    for field, groups in fields:
+        decoded: list[GroupInput] = [GroupInput(g.group_id, g.prompt, []) for g in groups]
+        for i, what, j, img in _images(groups, references):
+            getattr(decoded[i], what).append(decode_image(img, f"{field}[{i}].{what}[{j}]", *limits, next(size)))
+        out.append(decoded)
+    return out
 
 
-async def decode_request(host: ModelHost, fields: Fields, ticket: DecodedBytesTicket) -> list[list[GroupInput]]:
+async def decode_request(
+    host: ModelHost, fields: Fields, ticket: DecodedBytesTicket, references: bool = False
+) -> list[list[GroupInput]]:
     """Decodes and validates every image of a request's image fields (one budget for them all;
     the request's share of the server's is taken on ``ticket``, to be released once it is
-    answered). PNG/JPEG decoding and shared-memory reads run in the decode pool, off the event
-    loop; a request of inline RAW images only (no work but wrapping the bytes) is decoded in place."""
+    answered); ``references``: the groups' references too. PNG/JPEG decoding and shared-memory
+    reads run in the decode pool, off the event loop; a request of inline RAW images only (no work
+    but wrapping the bytes) is decoded in place."""
     offload = any(
-        img.encoding != RAW or img.shared_memory.name for _, groups in fields for g in groups for img in g.images
+        img.encoding != RAW or img.shared_memory.name for _, groups in fields for *_, img in _images(groups, references)
     )
     if offload:
-        return await host.run_decode(_decode_request, host, fields, ticket)
-    return _decode_request(host, fields, ticket)
+        return await host.run_decode(_decode_request, host, fields, ticket, references)
+    return _decode_request(host, fields, ticket, references)
 
 
 async def score(host: ModelHost, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
-    host.check_groups(request.groups)  # counts before any decoding work
+    # Before any decoding work: the models named, the counts, and references where a model needs them.
+    host.check_groups(request.groups, references=True)
+    weights = host.resolve_weights(dict(request.weights))
+    host.check_references(request.groups, weights)
     with host.decoded_bytes_held() as ticket:
-        (groups,) = await decode_request(host, [("groups", request.groups)], ticket)
-        results = await host.score(groups, dict(request.weights))
+        (groups,) = await decode_request(host, [("groups", request.groups)], ticket, references=True)
+        results = await host.score(groups, weights)
     return score_response(results)
 
 

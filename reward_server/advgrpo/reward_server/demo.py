@@ -57,7 +57,7 @@ def run_demo(target: str, out_dir: Path) -> None:
     with RewardClient(target) as client:
         client.wait_ready(60)
         for m in client.list_models():
-            print(f"  model {m.name:10s} kind={m.kind:9s} trainable={m.trainable!s:5s} version={m.version}")
+            print(f"  model {m.name:15s} kind={m.kind:15s} trainable={m.trainable!s:5s} version={m.version}")
         prompt = 'a sign that says "hello"'
         group = Group(prompt, [text_image("hello"), text_image("world"), gradient(rng)], "demo")
         t0 = time.perf_counter()

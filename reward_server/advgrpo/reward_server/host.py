@@ -28,7 +28,7 @@ from advgrpo.common.shared_memory import SharedMemoryReader
 from advgrpo.reward_server.batching import BatchStats, DynamicBatcher
 from advgrpo.reward_server.config import ModelConfig, ServerConfig
 from advgrpo.reward_server.metrics import ServerMetrics
-from advgrpo.reward_server.models import RewardModel, TrainableRewardModel, build_model
+from advgrpo.reward_server.models import References, RewardModel, TrainableRewardModel, build_model
 from advgrpo.reward_server.state import FINGERPRINT_KEY, VERSION_KEY, StateStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class GroupInput:
     group_id: str
     prompt: str
     images: list[np.ndarray]  # uint8 [H, W, 3]
+    # The prompt's reference images (ImageGroup.references), for models that compare against them.
+    references: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -243,18 +245,37 @@ class ModelHost:
 
     # ------------------------------------------------------------------ scoring
 
-    def check_groups(self, groups: Sequence, field_name: str = "groups") -> None:
-        """Group-level checks; works on GroupInput and on wire ImageGroup alike (before decoding)."""
+    def check_groups(self, groups: Sequence, field_name: str = "groups", references: bool = False) -> None:
+        """Group-level checks; works on GroupInput and on wire ImageGroup alike (before decoding).
+        ``references``: the groups' reference images count toward the image limit too (Score;
+        UpdateDiscriminator ignores ImageGroup.references)."""
         if not groups:
             raise InvalidArgument(f"{field_name}: no image groups")
-        total = 0
+        total = refs = 0
         for i, g in enumerate(groups):
             if not g.images:
                 raise InvalidArgument(f"{field_name}[{i}] (group_id {g.group_id!r}): empty group, no images")
             total += len(g.images)
+            if references:
+                refs += len(g.references)
+        total += refs
         limit = self.config.server.max_images_per_request
         if total > limit:
-            raise ResourceExhausted(f"{field_name}: {total} images in one request, the limit is {limit}")
+            of_which = f" ({refs} of them references)" if refs else ""
+            raise ResourceExhausted(f"{field_name}: {total} images in one request{of_which}, the limit is {limit}")
+
+    def check_references(self, groups: Sequence, weights: dict[str, float]) -> None:
+        """Every group has references if a model of ``weights`` (resolved: named with any weight, or
+        the default spec) compares against them; works on GroupInput and wire ImageGroup alike."""
+        users = [name for name in weights if self._hosted[name].model.uses_references]
+        if not users:
+            return
+        for i, g in enumerate(groups):
+            if not g.references:
+                raise InvalidArgument(
+                    f"groups[{i}].references (group_id {g.group_id!r}): none, but model {users[0]!r} compares "
+                    f"each image with its group's reference images; send the prompt's references with the group"
+                )
 
     def check_decoded_bytes(self, total: int, images: int) -> None:
         """The request-wide budget: ``total`` is height*width*3 summed over its ``images`` (plus the
@@ -279,11 +300,16 @@ class ModelHost:
 
     async def score(self, groups: Sequence[GroupInput], weights: dict[str, float]) -> list[GroupScore]:
         weights = self.resolve_weights(weights)
-        self.check_groups(groups)
+        self.check_groups(groups, references=True)
+        self.check_references(groups, weights)
         where = [f"groups[{i}] (group_id {g.group_id!r})" for i, g in enumerate(groups)]
         for name in weights:
             self._hosted[name].model.validate([g.prompt for g in groups], where)
-        items = [(img, g.prompt) for g in groups for img in g.images]
+        # One References per group, shared by its images (models that use them embed each set once).
+        items = []
+        for g in groups:
+            refs = References(g.references) if g.references else None
+            items += [(img, g.prompt, refs) for img in g.images]
         per_model = await _gather_or_cancel([self._hosted[name].batcher.submit(items) for name in weights])
         results: list[GroupScore] = []
         offset = 0
@@ -309,9 +335,12 @@ class ModelHost:
         return results
 
     def _batch_fn(self, name: str, model: RewardModel):
-        def run(items: list[tuple[np.ndarray, str]]) -> list[tuple[float, int]]:
+        def run(items: list[tuple[np.ndarray, str, References | None]]) -> list[tuple[float, int]]:
             try:
-                scores = model.score([img for img, _ in items], [p for _, p in items])
+                if model.uses_references:
+                    scores = model.score_against([img for img, _, _ in items], [r for _, _, r in items])
+                else:
+                    scores = model.score([img for img, _, _ in items], [p for _, p, _ in items])
             finally:
                 self._record_stats(name, model)
             version = model.version

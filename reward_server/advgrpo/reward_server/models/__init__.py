@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from advgrpo.reward_server.config import ModelConfig
-from advgrpo.reward_server.models.base import ModelUpdate, RewardModel, TrainableRewardModel, content_seed
+from advgrpo.reward_server.models.base import (
+    ModelUpdate,
+    ReferenceRewardModel,
+    References,
+    RewardModel,
+    TrainableRewardModel,
+    content_seed,
+)
 
-__all__ = ["RewardModel", "TrainableRewardModel", "ModelUpdate", "build_model", "content_seed"]
+__all__ = [
+    "ModelUpdate",
+    "ReferenceRewardModel",
+    "References",
+    "RewardModel",
+    "TrainableRewardModel",
+    "build_model",
+    "content_seed",
+]
 
 
 def build_model(cfg: ModelConfig, device: str = "cpu") -> RewardModel:
@@ -14,6 +29,10 @@ def build_model(cfg: ModelConfig, device: str = "cpu") -> RewardModel:
         from advgrpo.reward_server.models.dino import DinoDiscriminator
 
         return DinoDiscriminator(cfg.name, cfg.params, device=device)
+    if cfg.kind == "dino_similarity":
+        from advgrpo.reward_server.models.dino_similarity import DinoSimilarity
+
+        return DinoSimilarity(cfg.name, cfg.params, device=device)
     if cfg.kind == "pickscore":
         from advgrpo.reward_server.models.pickscore import PickScoreModel
 

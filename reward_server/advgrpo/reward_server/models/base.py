@@ -31,9 +31,33 @@ class ModelUpdate:
     accuracy: float  # fraction of those images classified correctly after the update
 
 
+class References:
+    """One group's reference images (``ImageGroup.references``), decoded once per group: every image
+    of the group carries this same object to a model that compares against references, so a batch
+    holding several of the group's images sees one set (its identity names it)."""
+
+    __slots__ = ("images", "_digests")
+
+    def __init__(self, images: Sequence[Image]):
+        self.images = list(images)
+        self._digests: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def digests(self) -> list[bytes]:
+        """Each image's ``content_digest``, computed once (on a model's thread, not the event loop)."""
+        if self._digests is None:
+            self._digests = [content_digest(img) for img in self.images]
+        return self._digests
+
+
 class RewardModel(abc.ABC):
     kind: str = ""
     trainable: bool = False
+    # True: the host calls ``score_against`` with each image's group's references instead of
+    # ``score``, and refuses a request whose groups have none (see ReferenceRewardModel).
+    uses_references: bool = False
 
     def __init__(self, name: str):
         self.name = name
@@ -70,6 +94,31 @@ class RewardModel(abc.ABC):
         safe to call concurrently with the model's work.
         """
         return {}
+
+
+class ReferenceRewardModel(RewardModel):
+    """A model that scores each image against its group's reference images (e.g. the similarity of
+    its embedding to theirs), not by its prompt: the host passes it every image with its group's
+    ``References`` (never empty: requests without are refused before they are queued)."""
+
+    uses_references = True
+
+    @abc.abstractmethod
+    def score_against(self, images: Sequence[Image], references: Sequence[References]) -> np.ndarray:
+        """One float32 score per image; ``references[i]`` are image i's group's (non-empty)."""
+
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
+        raise InvalidArgument(
+            f"model {self.name!r} compares each image with its group's reference images: "
+            "it scores only groups that carry references"
+        )
+
+    def warmup(self) -> None:
+        """Proves the model runs: one small image against itself as its only reference."""
+        img = np.full((64, 64, 3), 127, dtype=np.uint8)
+        out = self.score_against([img], [References([img])])
+        if out.shape != (1,) or not np.isfinite(out).all():
+            raise RuntimeError(f"model {self.name}: warm-up returned {out!r}")
 
 
 class TrainableRewardModel(RewardModel):

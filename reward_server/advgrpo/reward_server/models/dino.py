@@ -34,6 +34,9 @@ bit-identity on a GPU where there is one; not run on one yet). The head is batch
 construction on the CPU path (``advgrpo.kernels.patch_score.row_logits_reference``): the batcher
 merges requests, and an image's reward must not change in its last bits with the company it was
 scored in.
+
+Loading, preprocessing and the backbone's forwards are shared with the ``dino_similarity`` metric
+(``advgrpo.reward_server.models.dinov2``), so both see an image alike.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from advgrpo.reward_server.models.base import (
     resolve_device,
     splitmix64,
 )
+from advgrpo.reward_server.models.dinov2 import Preprocess, backbone_tokens, images_per_forward, load_dinov2
 
 __all__ = [
     "DinoDiscriminator",
@@ -198,15 +202,7 @@ class DinoDiscriminator(TrainableRewardModel):
         super().__init__(name)
         self.params = params
         self.device = resolve_device(device)
-        if params.backbone == TINY:
-            from advgrpo.common.tiny_models import tiny_dinov2
-
-            backbone = tiny_dinov2(params.image_size, params.seed)
-        else:
-            from transformers import Dinov2Model
-
-            backbone = Dinov2Model.from_pretrained(params.backbone, dtype=torch.float32)
-        self.backbone = backbone.to(self.device).eval().requires_grad_(False)
+        self.backbone = load_dinov2(params.backbone, params.image_size, params.seed, self.device)
         self.dim = int(self.backbone.config.hidden_size)
         patch = int(self.backbone.config.patch_size)
         self.n_patches = (params.image_size // patch) ** 2
@@ -220,8 +216,7 @@ class DinoDiscriminator(TrainableRewardModel):
         # dispatch is most of an optimizer step on cached features.
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=params.lr, betas=tuple(params.betas), fused=True)
         self._trainable = list(self.head.parameters())
-        self._mean = torch.tensor(params.image_mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(params.image_std, dtype=torch.float32, device=self.device).view(3, 1, 1)
+        self._preprocessor = Preprocess(params.image_size, params.image_mean, params.image_std, self.device)
         # Tokens stay on the model's device: a hit is then a copy on the device (no host <-> GPU
         # transfer), at the price of device memory, which feature_cache_bytes bounds.
         self.feature_cache = FeatureCache(params.feature_cache_bytes)  # references, kept
@@ -230,14 +225,8 @@ class DinoDiscriminator(TrainableRewardModel):
     # -- features ------------------------------------------------------------------------------
 
     def _preprocess(self, image: Image) -> torch.Tensor:
-        """uint8 [H, W, 3] -> normalised float32 [3, S, S] (bicubic, antialiased when shrinking)."""
-        s = self.params.image_size
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        x = x.permute(2, 0, 1).to(torch.float32).div_(255.0)
-        if x.shape[1:] != (s, s):
-            x = F.interpolate(x[None], size=(s, s), mode="bicubic", align_corners=False, antialias=True)[0]
-            x = x.clamp_(0.0, 1.0)  # bicubic overshoots; keep the pixel range of a real image
-        return (x - self._mean) / self._std
+        """uint8 [H, W, 3] -> normalised float32 [3, S, S] (``dinov2.Preprocess``)."""
+        return self._preprocessor(image)
 
     @torch.no_grad()
     def features(
@@ -280,29 +269,16 @@ class DinoDiscriminator(TrainableRewardModel):
 
     def _backbone_images(self) -> int:
         """Images per backbone forward: one on the CPU (batch-invariant tokens, see the module
-        docstring), ``backbone_chunk`` on a GPU.
-
-        Cost on the CPU, measured on a 2-core AMD EPYC that other jobs shared (medians of
-        alternated runs), one image per forward against chunks of up to 32: scoring 64 images with the
-        tiny preset's cache off, whose backbone forward is mostly fixed overhead, 105 ms
-        instead of 22 ms with 1 thread (108 instead of 20 with 2); a ViT-B/14-sized backbone
-        (random weights), 16 images at 112 px: 2.8 s instead of 2.3 s with 1 thread, 4 images
-        at 224 px: 2.5 s instead of 2.3 s. With 2 threads there 10.2 s instead of 4.1 s and
-        9.6 s instead of 5.3 s, but 2 threads were slower than 1 either way on that shared
-        machine: the multi-threaded cost is still to be measured on an idle one."""
-        return self.backbone_chunk if self.device.type == "cuda" else 1
+        docstring), ``backbone_chunk`` on a GPU (``dinov2.images_per_forward``, with its cost)."""
+        return images_per_forward(self.device, self.backbone_chunk)
 
     def _backbone_features(self, images: Sequence[Image]) -> torch.Tensor:
         """``features`` without the cache: preprocessing and the backbone, in chunks of
         ``_backbone_images()``."""
-        out = []
-        step = self._backbone_images()
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
-            pixels = torch.stack([self._preprocess(img) for img in chunk])
-            tokens = self.backbone(pixel_values=pixels).last_hidden_state
-            out.append(transform_tokens(tokens.to(torch.float32), self.params.feature_transform))
-        tokens = torch.cat(out)
+        kind = self.params.feature_transform
+        tokens = backbone_tokens(
+            self.backbone, images, self._preprocess, self._backbone_images(), lambda t: transform_tokens(t, kind)
+        )
         # Registers or odd sizes would break the 1+N layout every index here relies on.
         if tokens.shape[1] != 1 + self.n_patches:
             raise RuntimeError(f"backbone returned {tokens.shape[1]} tokens, expected 1+{self.n_patches}")
