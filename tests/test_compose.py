@@ -138,10 +138,15 @@ def test_gpu_profile_reserves_nvidia_gpus_and_uses_the_real_presets():
         assert device["count"] == "all" or int(device["count"]) >= 1
     s = services()
     assert flag(s["reward-server-gpu"].argv, "--preset") == "sd3-adv" and "sd3-adv" in SERVER_PRESETS
-    assert flag(s["trainer-gpu"].argv, "--preset") == "dino_cotrain_sd3_patch_fast" and "dino_cotrain_sd3_patch_fast" in TRAINER_PRESETS
+    assert (
+        flag(s["trainer-gpu"].argv, "--preset") == "dino_cotrain_sd3_patch_fast"
+        and "dino_cotrain_sd3_patch_fast" in TRAINER_PRESETS
+    )
     assert flag(s["reward-server"].argv, "--preset") == "tiny"
     # The presets are variables: every value offered by the CLIs is reachable.
-    custom = services({"REWARD_GPU_PRESET": "tiny", "TRAINER_GPU_PRESET": "ocr_cotrain_sd3_fast", "TRAINER_GPU_COUNT": "2"})
+    custom = services(
+        {"REWARD_GPU_PRESET": "tiny", "TRAINER_GPU_PRESET": "ocr_cotrain_sd3_fast", "TRAINER_GPU_COUNT": "2"}
+    )
     assert flag(custom["reward-server-gpu"].argv, "--preset") == "tiny"
     assert flag(custom["trainer-gpu"].argv, "--output-dir") == "/outputs/ocr_cotrain_sd3_fast"
     assert custom["trainer-gpu"].spec["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "2"

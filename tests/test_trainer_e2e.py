@@ -76,6 +76,12 @@ def test_tiny_preset_trains_lora_and_discriminator(start_server, references, tmp
     ckpt = tmp_path / "run" / "checkpoints" / "epoch-000004"
     assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").exists() and (ckpt / "state.json").exists()
     assert (tmp_path / "run" / "samples" / "epoch-000004.png").exists()
+    # The eval reports the training reward and Adv-GRPO's metric: DINO similarity to the references.
+    from .trainer_helpers import read_metrics
+
+    (evaluation,) = [m for m in read_metrics(tmp_path / "run") if "eval_grid" in m]
+    assert -1.0 <= evaluation["eval_similarity_mean"] <= 1.0 and evaluation["eval_similarity_images"] == 4
+    assert np.isfinite(evaluation["eval_reward_mean"]) and "eval_reward_dino_mean" in evaluation
 
 
 def test_resume_gives_the_same_next_epochs_as_an_unbroken_run(start_server, references, tmp_path):

@@ -196,6 +196,25 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_server, refere
     assert trainer.state.global_step - before == 2 and out["train_steps"] == 2
 
 
+@pytest.mark.slow
+def test_the_sde_window_is_where_the_config_puts_it(tiny_server, references, tmp_path):
+    from advgrpo.trainer.rewards import RewardStream
+
+    trainer = _trainer(tiny_server, references, tmp_path, "sampling.sde_window_start=1")
+    trainer._submitted = []
+    stream = RewardStream(trainer.client, trainer.score_weights)
+    assert trainer.sample_epoch(0, stream).trajectories[0].step_indices == (1, 2)
+    stream.collect()
+    trainer.cfg.sampling.sde_window_start, trainer.cfg.sampling.sde_window_range = None, (0, 2)
+    starts = set()
+    for epoch in range(6):
+        trainer._submitted = []
+        stream = RewardStream(trainer.client, trainer.score_weights)
+        starts.add(trainer.sample_epoch(epoch, stream).trajectories[0].step_indices[0])
+        stream.collect()
+    assert starts <= {0, 1, 2} and len(starts) > 1  # drawn per epoch from the range
+
+
 def _samples_for(trainer, batch):
     from advgrpo.trainer.loop import EpochSamples
 
