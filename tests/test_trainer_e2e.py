@@ -4,7 +4,6 @@ checkpoints resume exactly, advgrpo-generate reproduces the eval images, bad con
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from advgrpo.trainer.config import load_train_config
 from advgrpo.trainer.loop import AdvGrpoTrainer
 
 from .conftest import REPO
-from .trainer_helpers import PROMPTS, epoch_records, make_reference_set
+from .trainer_helpers import PROMPTS, epoch_records, free_port, make_reference_set, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +76,6 @@ def test_tiny_preset_trains_lora_and_discriminator(start_server, references, tmp
     assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").exists() and (ckpt / "state.json").exists()
     assert (tmp_path / "run" / "samples" / "epoch-000004.png").exists()
     # The eval reports the training reward and Adv-GRPO's metric: DINO similarity to the references.
-    from .trainer_helpers import read_metrics
-
     (evaluation,) = [m for m in read_metrics(tmp_path / "run") if "eval_grid" in m]
     assert -1.0 <= evaluation["eval_similarity_mean"] <= 1.0 and evaluation["eval_similarity_images"] == 4
     assert np.isfinite(evaluation["eval_reward_mean"]) and "eval_reward_dino_mean" in evaluation
@@ -168,12 +165,6 @@ def test_grpo_raises_a_brightness_reward(start_server, tmp_path):
     start, end = np.mean(rewards[:3]), np.mean(rewards[-3:])
     # Per-image brightness varies by ~0.007 (std); a batch mean of 64 by ~0.001.
     assert end - start > 0.02, rewards
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(

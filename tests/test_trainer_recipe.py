@@ -18,7 +18,7 @@ from advgrpo.common.errors import ConfigError
 from advgrpo.trainer.config import PRESET_ALIASES, PRESETS, load_train_config, validate_for_training
 
 from .conftest import REPO
-from .trainer_helpers import make_reference_set
+from .trainer_helpers import free_port, make_reference_set
 
 # (preset, key, value): the original config files' values (docs/METHOD.md cites each file).
 ORIGINAL_VALUES = [
@@ -237,14 +237,6 @@ def test_vae_decodes_in_fp32_under_a_bf16_transformer(tiny_server, references, t
 
 
 # ------------------------------------------------------------------ two processes (accelerate, gloo)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch_two(server, references, out, *sets, timeout=240):

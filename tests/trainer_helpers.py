@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 from advgrpo.trainer.references import write_synthetic_references
@@ -20,3 +21,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def epoch_records(run_dir: Path) -> dict[int, dict]:
     return {m["epoch"]: m for m in read_metrics(run_dir) if "reward_mean" in m}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
