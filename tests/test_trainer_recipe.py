@@ -41,6 +41,15 @@ ORIGINAL_VALUES = [
             "optim.clip_range": 1e-5,
             "optim.beta": 0.0,
             "optim.lr": 3e-4,
+            "optim.betas": (0.9, 0.999),
+            "optim.weight_decay": 1e-4,
+            "optim.eps": 1e-8,
+            "optim.max_grad_norm": 1.0,
+            "optim.adv_clip_max": 5.0,
+            "optim.global_std": True,
+            "optim.inner_epochs": 1,
+            "lora.init": "gaussian",
+            "run.eval_weights": {"pickscore": 1.0},  # eval_reward_fn: pickscore + image_similarity
             "optim.timestep_fraction": 0.99,
             "optim.ema": True,
             "optim.ema_decay": 0.9,
@@ -63,6 +72,13 @@ ORIGINAL_VALUES = [
     ("pickscore_cotrain_sd3_fast", "adversarial.ratio_k", 20),
     ("pickscore_cotrain_sd3_fast", "sampling.step", "cps"),
     ("pickscore_cotrain_sd3_fast", "optim.clip_range", 1e-5),
+    ("pickscore_cotrain_sd3_fast", "sampling.noise_level", 0.8),
+    ("pickscore_cotrain_sd3_fast", "sampling.sde_window", 2),
+    ("pickscore_cotrain_sd3_fast", "sampling.group_size", 16),
+    ("pickscore_cotrain_sd3_fast", "sampling.batches_per_epoch", 12),
+    ("pickscore_cotrain_sd3_fast", "optim.beta", 0.0),
+    ("ocr_cotrain_sd3_fast", "adversarial.schedule", "trigger"),
+    ("ocr_cotrain_sd3_fast", "sampling.step", "cps"),
     ("ocr_cotrain_sd3_fast", "reward.weights", {"ocr": 0.5, "pickscore": 0.5}),
     ("ocr_cotrain_sd3_fast", "adversarial.discriminator", "pickscore"),
     # yifan123/flow_grpo config/grpo.py:pickscore_sd3 and general_ocr_sd3 (over config/base.py)
@@ -124,6 +140,9 @@ def test_config_refuses_a_deterministic_trained_step_and_uneven_accumulation():
         load_train_config("tiny", sets=["optim.train_batch_size=4", "optim.steps_per_epoch=3"])
     with pytest.raises(ConfigError, match="sampling.sde_window_start"):
         load_train_config("tiny", sets=["sampling.sde_window_start=4"])
+    with pytest.raises(ConfigError, match="sampling.sde_window_range: set together with sampling.sde_window_start"):
+        load_train_config("tiny", sets=["sampling.sde_window_range=[0, 1]"])
+    load_train_config("tiny", sets=["sampling.sde_window_range=[0, 1]", "sampling.sde_window_start=null"])
     # Per-process sizes of a 32-GPU config: a group spans processes, checked with the process count.
     cfg = load_train_config("flow_grpo_pickscore_sd3", sets=["data.prompts=p.txt"])
     validate_for_training(cfg, world_size=32)
@@ -181,6 +200,8 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_server, refere
     trainer.accumulate_gradients(batch, [torch.arange(n)], steps)
     whole = _grads(trainer)
     trainer.optimizer.zero_grad(set_to_none=True)
+    # The same gradient by plain autograd of the mean loss over the steps (no accelerate scaling).
+    torch.testing.assert_close(whole, _plain_gradient(trainer, batch, steps), rtol=1e-5, atol=1e-8)
     stats: dict[str, list[float]] = {"loss": [], "policy_loss": [], "kl": [], "clip_frac": [], "approx_kl": []}
     trainer.accumulate_gradients(batch, list(torch.randperm(n).split(2)), steps, stats)
     accumulated = _grads(trainer)
@@ -213,6 +234,30 @@ def test_the_sde_window_is_where_the_config_puts_it(tiny_server, references, tmp
         starts.add(trainer.sample_epoch(epoch, stream).trajectories[0].step_indices[0])
         stream.collect()
     assert starts <= {0, 1, 2} and len(starts) > 1  # drawn per epoch from the range
+
+
+def _plain_gradient(trainer, batch, steps) -> list[torch.Tensor]:
+    from advgrpo.trainer import pipeline as sd3
+    from advgrpo.trainer.grpo import grpo_loss
+    from advgrpo.trainer.sampling import step_log_prob
+    from advgrpo.trainer.sde import kl_to_reference
+
+    s, o, t = trainer.cfg.sampling, trainer.cfg.optim, batch.trajectory
+    kw = dict(guidance_scale=s.guidance_scale, step=s.step, noise_level=s.noise_level, sigma_max=t.sigma_max)
+    cond = trainer._conditioning(batch.prompts)
+    total = 0.0
+    for j in steps:
+        args = (batch.latents[:, j], batch.next_latents[:, j], t.timesteps[j], t.sigmas[j], t.sigmas_next[j], cond)
+        out = step_log_prob(trainer.transformer, *args, dtype=torch.float32, **kw)
+        with torch.no_grad(), sd3.lora_disabled(trainer.transformer):
+            ref = step_log_prob(trainer.transformer, *args, dtype=torch.float32, **kw)
+        kl = kl_to_reference(out.mean, ref.mean, out.std_t)
+        loss, _ = grpo_loss(out.log_prob, batch.old_log_probs[:, j], batch.advantages, o.clip_range, kl=kl, beta=o.beta)
+        total = total + loss
+    (total / len(steps)).backward()
+    grads = _grads(trainer)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
 
 
 def _samples_for(trainer, batch):
@@ -271,6 +316,12 @@ def test_two_processes_run_both_schedules_to_the_end_in_step(start_server, refer
         phases, records = _launch_two(
             server, references, out, f"adversarial.schedule={schedule}", f"run.epochs={epochs}"
         )
+        from advgrpo.client import RewardClient
+
+        with RewardClient(server.target) as client:
+            version = {m.name: m.version for m in client.list_models()}["dino"]
+        d_epochs = [p["epoch"] for p in phases[0] if p["phase"] == "discriminator"]
+        assert version == len(d_epochs) >= 1  # one update per D epoch, from the main process only
         # Every rank took the same branch in every epoch, decided on the same (gathered) means.
         assert [p["phase"] for p in phases[0]] == [p["phase"] for p in phases[1]]
         assert len(phases[0]) == epochs
@@ -283,8 +334,48 @@ def test_two_processes_run_both_schedules_to_the_end_in_step(start_server, refer
                 assert p["phase"] == ("discriminator" if p["generated_mean"] > p["reference_mean"] else "generator")
             # The untrained tiny discriminator scores the generations higher at first; once trained, lower.
             assert {p["phase"] for p in phases[0]} == {"discriminator", "generator"}, phases[0]
-        for rec in records.values():
-            if "d_version" in rec:
+        for epoch, rec in records.items():
+            if epoch in d_epochs:
                 # One update per D epoch with both ranks' generations (2 x 8) and as many references.
                 assert rec["d_generated"] == 16 and rec["d_references"] == 16, rec
+                assert rec["d_generated_prompts"] == _generated_prompts(out, epoch)
                 assert "train_loss" not in rec
+            else:
+                assert "d_version" not in rec and "train_loss" in rec
+
+
+def _generated_prompts(out, epoch: int) -> dict[str, int]:
+    """Every rank's generations of the epoch by prompt, from each rank's own reward log."""
+    counts: dict[str, int] = {}
+    for rank in (0, 1):
+        for line in (out / f"rewards-rank{rank}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["epoch"] == epoch:
+                assert r["rank"] == rank
+                counts[r["prompt"]] = counts.get(r["prompt"], 0) + len(r["rewards"])
+    return counts
+
+
+@pytest.mark.slow
+def test_start_up_refuses_what_would_fail_later(tiny_server, references, tmp_path):
+    # An update the socket cannot carry (16 generations + 16 references of 32x32 = 98 KB raw).
+    with pytest.raises(ConfigError, match=r"over 3x the message limit .*shared memory"):
+        _trainer(tiny_server, references, tmp_path, "reward.shared_memory=false", "reward.max_message_bytes=16384")
+    with pytest.raises(ConfigError, match="run.eval_weights: 'nope' is not served"):
+        _trainer(tiny_server, references, tmp_path, "run.eval_weights={nope: 1.0}")
+    # A checkpoint resumes only under the recipe it was trained with.
+    from advgrpo.trainer.loop import AdvGrpoTrainer
+
+    first = _trainer(tiny_server, references, tmp_path)
+    first.save(1)
+    cfg = load_train_config(
+        "tiny",
+        sets=[f"adversarial.references={references}", "optim.clip_range=0.1", "adversarial.ratio_k=3"],
+        overrides={"reward": {"server": tiny_server.target}, "run": {"output_dir": str(tmp_path / "run")}},
+    )
+    with pytest.raises(
+        ConfigError, match=r"another recipe \(adversarial.ratio_k: 2 -> 3; optim.clip_range: 0.2 -> 0.1\)"
+    ):
+        AdvGrpoTrainer(cfg, resume="latest")
+    cfg.optim.clip_range, cfg.adversarial.ratio_k = 0.2, 2
+    assert AdvGrpoTrainer(cfg, resume="latest").state.epoch == 1

@@ -97,6 +97,8 @@ class RewardConfig:
     # model reload) before the run fails; a broken ScoreStream is opened again within it too.
     retry_budget_s: float = 60.0
     connect_timeout_s: float = 30.0  # how long start-up waits for the server to be SERVING
+    # Largest gRPC message either way: keep it equal to the server's server.max_message_bytes.
+    max_message_bytes: int = 64 * 1024 * 1024
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     overlap: bool = True  # stream a group to the server while the next batch samples
     keep_freed_memory: bool = True  # glibc keeps freed buffers: cheaper raw image transfers
@@ -138,6 +140,9 @@ class RunConfig:
     # Evaluation also reports this reward-server model's score (Adv-GRPO's DINO similarity to the
     # eval prompts' references) when the server hosts it and references exist; "" turns it off.
     eval_similarity: str = "dino_similarity"
+    # The reward spec evaluations report (eval_reward_mean and per model); {}: reward.weights.
+    # Adv-GRPO evaluates PickScore (eval_reward_fn = {"pickscore": 1, "image_similarity": 1}).
+    eval_weights: dict[str, float] = field(default_factory=dict)
     tensorboard: bool = True  # when tensorboard is installed
     device: str = "auto"
 
@@ -197,6 +202,7 @@ _ADV_GRPO = deep_merge(
         },
         "optim": {"clip_range": 1e-5, "beta": 0.0, "train_batch_size": 8},
         "adversarial": {"steps": 1, "references_per_update": 0},
+        "run": {"eval_weights": {"pickscore": 1.0}},
     },
 )
 
@@ -347,6 +353,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"sampling.noise_level: must be > 0 (0 makes every step deterministic), got {s.noise_level}")
     if s.sde_window < 0 or s.sde_window > s.num_steps:
         raise ConfigError(f"sampling.sde_window: must be in 0..num_steps ({s.num_steps})")
+    if s.sde_window_start is not None and s.sde_window_range is not None:
+        raise ConfigError(
+            "sampling.sde_window_range: set together with sampling.sde_window_start, which fixes the window; "
+            "set sampling.sde_window_start=null to draw the start from the range"
+        )
     if s.sde_window_start is not None and not 0 <= s.sde_window_start < s.num_steps:
         raise ConfigError(f"sampling.sde_window_start: must be in 0..{s.num_steps - 1} (num_steps - 1)")
     if s.sde_window_range is not None and not 0 <= s.sde_window_range[0] <= s.sde_window_range[1] < s.num_steps:
@@ -378,6 +389,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if not cfg.reward.weights:
         raise ConfigError("reward.weights: at least one model")
+    if not 1024 <= cfg.reward.max_message_bytes <= (1 << 31) - 1:
+        raise ConfigError(f"reward.max_message_bytes: must be in 1024..{(1 << 31) - 1} (gRPC's limit)")
     if cfg.reward.retry_budget_s < 0:
         raise ConfigError(f"reward.retry_budget_s: must be >= 0, got {cfg.reward.retry_budget_s}")
     a = cfg.adversarial

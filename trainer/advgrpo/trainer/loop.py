@@ -121,6 +121,7 @@ class AdvGrpoTrainer:
             encoding=r.encoding,
             keep_freed_memory=r.keep_freed_memory,
             shared_memory=r.shared_memory,
+            max_message_bytes=r.max_message_bytes,
             retry=RetryPolicy(max_elapsed_s=r.retry_budget_s),
         )
         try:
@@ -142,11 +143,49 @@ class AdvGrpoTrainer:
                 raise ConfigError(f"adversarial.discriminator: {disc!r} on {r.server} is not trainable")
         self.server_models = models
         log.info("reward server %s: image bytes go through %s", r.server, via)
+        if disc and self.cfg.adversarial.schedule != "off" and not self.client.uses_shared_memory():
+            self._check_update_size()
+        ev = self.cfg.run
+        unknown = sorted(set(ev.eval_weights) - set(models))
+        if unknown:
+            raise ConfigError(
+                f"run.eval_weights: {unknown[0]!r} is not served by {r.server} (models: {', '.join(models)})"
+            )
+        if ev.eval_similarity and ev.eval_similarity not in models:
+            log.warning(
+                "run.eval_similarity: %r is not served by %s: evaluations report no DINO similarity",
+                ev.eval_similarity, r.server,
+            )  # fmt: skip
         # The discriminator's own reward is always computed (weight 0 if not part of the spec), so
         # generated and reference means can be compared.
         self.score_weights = dict(r.weights)
         if disc and disc not in self.score_weights:
             self.score_weights[disc] = 0.0
+
+    def _check_update_size(self) -> None:
+        """A discriminator update is one request: through the socket it must fit the message limit.
+        Refused at start-up when even PNG (which rarely compresses generated images 3x) cannot make
+        it fit, rather than after an epoch of sampling; a warning when it needs PNG."""
+        cfg, limit = self.cfg, self.client.max_message_bytes
+        generated = cfg.sampling.batch_size * cfg.sampling.batches_per_epoch * self.world
+        images = generated + (cfg.adversarial.references_per_update or generated)
+        raw = images * cfg.model.resolution**2 * 3
+        fixes = (
+            "run the reward server on this host with shared memory (reward.shared_memory), raise "
+            "server.max_message_bytes (at most 2 GiB) and reward.max_message_bytes to match, or lower "
+            "adversarial.references_per_update"
+        )
+        if raw > 3 * limit:
+            raise ConfigError(
+                f"adversarial.references_per_update: a discriminator update carries {images} images "
+                f"({raw / 2**20:.0f} MiB raw) through the socket, over 3x the message limit of {limit / 2**20:.0f} MiB "
+                f"(max_message_bytes): {fixes}"
+            )
+        if raw > limit:
+            log.warning(
+                "a discriminator update (%d images, %.0f MiB raw) goes as PNG to fit %.0f MiB; if it still does not "
+                "fit, the update fails: %s", images, raw / 2**20, limit / 2**20, fixes,
+            )  # fmt: skip
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -185,7 +224,21 @@ class AdvGrpoTrainer:
         self.optimizer = torch.optim.AdamW(
             self.lora_params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps
         )
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # No dataloader goes through prepare, so DeepSpeed cannot infer its micro-batch ("auto").
+            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = o.train_batch_size
         self.transformer, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        passes = backward_passes_per_step(cfg)
+        if (
+            self.accelerator.distributed_type == DistributedType.DEEPSPEED
+            and self.accelerator.gradient_accumulation_steps != passes
+        ):
+            raise ConfigError(
+                f"accelerate config: DeepSpeed accumulates {self.accelerator.gradient_accumulation_steps} backward passes per "
+                f"step, but the config needs {passes} (micro-batches per optimizer step x trained steps); remove "
+                "gradient_accumulation_steps from the accelerate config (the trainer sets it)"
+            )
         self.ema = EMA(self.lora_params, decay=o.ema_decay, update_every=o.ema_every) if o.ema else None
         vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         side = cfg.model.resolution // vae_scale
@@ -415,8 +468,11 @@ class AdvGrpoTrainer:
     def _score_references(self, epoch: int) -> tuple[float, int]:
         """This rank's share of the epoch's references (every world-th group), scored by the
         discriminator: (sum of rewards, count), summed over ranks by the caller."""
+        # Only the epoch's own prompts' references, as the original's reference mean: references of
+        # other prompts that fill the update's budget are left out of the comparison.
+        own = {self.prompts[i] for i in self._epoch_ids(epoch)}
         chosen = self.epoch_references(epoch)
-        share = [(i, c) for i, c in enumerate(chosen) if i % self.world == self.rank]
+        share = [(i, c) for i, c in enumerate(chosen) if i % self.world == self.rank and c[0] in own]
         if not share:
             return 0.0, 0
         groups = [g for i, c in share for g in self._load_references([c], first=i)]
@@ -464,6 +520,7 @@ class AdvGrpoTrainer:
                 "d_generated_score": result.generated_score,
                 "d_references": sum(len(g.images) for g in references),
                 "d_generated": len(images),
+                "d_generated_prompts": {self.prompts[p]: len(imgs) for p, imgs in by_prompt.items()},
             }
         # The next epoch's rewards on every rank must come from the updated discriminator.
         self.accelerator.wait_for_everyone()
@@ -493,7 +550,8 @@ class AdvGrpoTrainer:
                 healthcheck.progress("training", epoch=epoch, step=self.state.global_step)
         self.transformer.eval()
         out = {f"train_{k}": float(np.mean(v)) for k, v in stats.items() if v}
-        out["train_grad_norm"] = float(grad_norm)
+        # (accelerate returns None where the backend clips itself, as DeepSpeed does.)
+        out["train_grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["train_steps"] = len(steps)
         return out
 
@@ -596,7 +654,7 @@ class AdvGrpoTrainer:
         """The eval images' training reward and, as Adv-GRPO's evaluation reports it, their DINO
         similarity to the eval prompts' references (the server's ``run.eval_similarity`` model:
         cosine of DINOv2 CLS embeddings, maximum over a prompt's references)."""
-        weights = dict(self.cfg.reward.weights)
+        weights = dict(self.cfg.run.eval_weights or self.cfg.reward.weights)
         groups = [
             Group(p, [img], f"eval-{i}") for i, (p, img) in enumerate(zip(self.eval_prompts, images, strict=True))
         ]
@@ -664,6 +722,12 @@ class AdvGrpoTrainer:
             log.info("--resume: no checkpoint under %s, starting fresh", self.out)
             return
         state, tensors, meta = load_checkpoint(directory)
+        changed = recipe_changes(meta.get("config", {}), dump_train_config(self.cfg))
+        if changed:
+            raise ConfigError(
+                f"--resume: {directory} was trained with another recipe ({'; '.join(changed[:8])}"
+                f"{'; ...' if len(changed) > 8 else ''}); resume with the same settings, or start a new --output-dir"
+            )
         with torch.no_grad():
             for name, p in zip(self.lora_names, self.lora_params, strict=True):
                 p.copy_(tensors[f"lora.{name}"])
@@ -700,6 +764,27 @@ class TrainBatch:
             prompts=[prompts[i] for i in samples.prompt_ids.tolist()],
             trajectory=traj[0],
         )
+
+
+# The sections that make up the method: a checkpoint resumes only under the same values.
+RECIPE_SECTIONS = ("model", "lora", "sampling", "optim", "adversarial")
+RECIPE_EXEMPT = {"adversarial.references"}  # where the reference files live may change
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every recipe value that differs (JSON-normalised: tuples and
+    lists compare equal)."""
+    import json
+
+    def flat(section: str, value: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(f"{section}.{key}", sub).items()}
+        return {section: json.loads(json.dumps(value))}
+
+    before = {k: v for s in RECIPE_SECTIONS for k, v in flat(s, saved.get(s, {})).items()}
+    after = {k: v for s in RECIPE_SECTIONS for k, v in flat(s, current.get(s, {})).items()}
+    keys = sorted((set(before) | set(after)) - RECIPE_EXEMPT)
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys if before.get(k) != after.get(k)]
 
 
 def generation_settings(cfg: TrainConfig) -> dict[str, Any]:
