@@ -379,3 +379,21 @@ def test_start_up_refuses_what_would_fail_later(tiny_server, references, tmp_pat
         AdvGrpoTrainer(cfg, resume="latest")
     cfg.optim.clip_range, cfg.adversarial.ratio_k = 0.2, 2
     assert AdvGrpoTrainer(cfg, resume="latest").state.epoch == 1
+
+
+def test_method_doc_lists_every_preset_and_every_value_the_method_presets_set():
+    doc = (REPO / "docs" / "METHOD.md").read_text()
+    for name in PRESETS:
+        assert f"`{name}`" in doc, name
+
+    def leaves(mapping, prefix=""):
+        for key, value in mapping.items():
+            if isinstance(value, dict) and key != "weights" and not key.endswith("_weights"):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key
+
+    for preset in ("dino_cotrain_sd3_patch_fast", "flow_grpo_pickscore_sd3"):
+        for key in leaves(PRESETS[preset]):
+            section, _, leaf = key.rpartition(".")
+            assert f"`{key}`" in doc or f"`{leaf}`" in doc, f"{preset}: {key} is not in docs/METHOD.md"
