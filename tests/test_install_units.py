@@ -122,14 +122,15 @@ def test_the_server_alone_serves_the_tiny_preset(tmp_path, wheels):
             assert upd.version == 1
 
 
-def test_the_trainer_alone_runs_a_tiny_epoch_against_a_real_server(tmp_path, wheels):
+def test_the_trainer_alone_runs_a_toy_epoch_against_a_real_server(tmp_path, wheels):
     bin_dir = bare_env(tmp_path / "env", wheels, ["protos", "common", "client", "trainer"], torch=True)
     names = installed(bin_dir)
     assert "advgrpo-trainer" in names and not names & (SERVER_ONLY | {"advgrpo-reward-server", "advgrpo-kernels"})
     references = make_reference_set(tmp_path / "refs")
     with ServerProcess(["--preset", "tiny"], http=False) as server:
         out = subprocess.run(
-            [str(bin_dir / "advgrpo-train"), "--preset", "tiny", "--server", server.target,
+            # The toy preset: the pretrained toy model ships inside the trainer's wheel.
+            [str(bin_dir / "advgrpo-train"), "--preset", "toy", "--server", server.target,
              "--set", f"adversarial.references={references}", "--set", "run.epochs=1",
              "--output-dir", str(tmp_path / "run")],
             capture_output=True, text=True, timeout=600, cwd=tmp_path,

@@ -24,7 +24,7 @@ LORA_TARGETS = (
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # id, local path, or "tiny"
+    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # id, local path, "toy" or "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # frozen weights; LoRA trains in fp32
     resolution: int = 512
     max_sequence_length: int = 128  # T5 tokens
@@ -302,6 +302,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "flow_grpo_general_ocr_sd3": deep_merge(_FLOW_GRPO, {"optim": {"beta": 0.04}, "reward": {"weights": {"ocr": 1.0}}}),
 }
+
+# The tiny preset's recipe on the shipped pretrained toy model (a small SD3 that draws the toy
+# domain of advgrpo.common.toy_domain from its captions; docs/EXPERIMENTS.md).
+PRESETS["toy"] = deep_merge(PRESETS["tiny"], {"model": {"pretrained": "toy", "max_sequence_length": 24}})
 
 # Names of earlier releases, kept so that existing launch scripts still run the method they named.
 PRESET_ALIASES = {

@@ -74,6 +74,13 @@ TINY_VAE_SCALE = 4
 TINY_IMAGE_SIZE = TINY_LATENT_SIZE * TINY_VAE_SCALE
 
 
+# The pretrained toy text-to-image model that ships with the trainer (docs/EXPERIMENTS.md): a
+# diffusers pipeline directory written by ``python -m advgrpo.trainer.toy_model``, with its
+# training record (training.json: command, curve, sha256 of every weight file).
+TOY = "toy"
+TOY_MODEL_DIR = Path(__file__).parent / "toy_sd3"
+
+
 class ModelLoadError(ConfigError):
     """A model that cannot be loaded (missing path, unreachable hub); the CLI prints the message."""
 
@@ -225,10 +232,13 @@ def load_sd3_pipeline(
     """The frozen SD3 pipeline ``model`` names, in eval mode, on ``device``.
 
     ``model`` is a hub id (e.g. "stabilityai/stable-diffusion-3.5-medium"), a local directory
-    written by ``save_pretrained``, or "tiny" (``build_tiny_sd3_pipeline(seed)``). Failures raise
+    written by ``save_pretrained``, "toy" (the shipped pretrained toy model, ``TOY_MODEL_DIR``) or
+    "tiny" (``build_tiny_sd3_pipeline(seed)``, random weights). Failures raise
     ``ModelLoadError`` with a message naming the model.
     """
     dtype = _as_dtype(dtype)
+    if model == TOY:  # the shipped pretrained toy model (advgrpo.trainer.toy_model): a local directory
+        model = str(TOY_MODEL_DIR)
     if model == "tiny":
         pipeline = build_tiny_sd3_pipeline(seed)
         if dtype != torch.float32:  # (diffusers 0.42 warns on every dtype cast, even with nothing to keep fp32)
