@@ -9,6 +9,11 @@ PROTO_SRC := protos/advgrpo/reward/v1/reward.proto
 PROTO_OUT := protos/advgrpo/reward/v1/reward_pb2.py
 UNIT_FILES := $(wildcard */pyproject.toml) protos/setup.py
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), a test file per worker at a time (module fixtures start their
+# servers once): most of the suite waits on processes it starts, so two overlap on 2 cores.
+# PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: all venv proto demo test test-fast test-latest lock sysdeps bench clean
 
@@ -37,13 +42,16 @@ lock: venv
 sysdeps:
 	@bash scripts/install-sysdeps.sh
 
+# The toy world's short version: experiments 1 and 2 (a hackable proxy, and Adv-GRPO) side by side
+# on the shipped toy models, their table, plot and sample grids (docs/EXPERIMENTS.md).
+DEMO_OUTPUT ?= demo-output
 demo: venv proto
-	$(PY) -m advgrpo.trainer.demo
+	$(PY) -m experiments.toy_world.run --quick --out $(DEMO_OUTPUT)
 
 test: venv proto sysdeps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: venv proto
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -52,7 +60,7 @@ test-fast: venv proto
 # the next upstream break is found on purpose, not by a user.
 test-latest: sysdeps
 	PYTHON=$(PYTHON) bash scripts/setup-venv.sh $(LATEST) latest
-	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
+	$(LATEST)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Reward server, feature cache and trainer on this machine; the kernel benchmark needs a CUDA GPU.
 bench: venv proto
