@@ -166,3 +166,25 @@ def test_loading_with_overrides_never_changes_a_preset():
     port = load_config("tiny").server.port
     assert load_config("tiny", overrides={"server": {"port": port + 1}}).server.port == port + 1
     assert load_config("tiny").server.port == port
+
+
+def test_a_reward_spec_in_a_file_or_override_replaces_the_presets(tmp_path):
+    """reward.weights is one value: a config file's or a caller's spec is the spec, not the
+    preset's plus it (an experiment on the proxy alone once also trained on the preset's dino)."""
+    from advgrpo.trainer.config import load_train_config
+
+    assert load_train_config("tiny").reward.weights == {"dino": 1.0}
+    path = tmp_path / "train.yaml"
+    path.write_text("reward:\n  weights: {ocr: 1.0}\nrun:\n  eval_weights: {ocr: 1.0}\n")
+    assert load_train_config("dino_cotrain_sd3_patch_fast").run.eval_weights == {"pickscore": 1.0}
+    cfg = load_train_config("dino_cotrain_sd3_patch_fast", config_file=path)
+    assert cfg.reward.weights == {"ocr": 1.0} and cfg.run.eval_weights == {"ocr": 1.0}
+    assert load_train_config("tiny", overrides={"reward": {"weights": {"saturation": 1.0}}}).reward.weights == {
+        "saturation": 1.0
+    }
+    # --set names one model's weight: it is added to the spec.
+    assert load_train_config("tiny", sets=["reward.weights.ocr=0.5"]).reward.weights == {"dino": 1.0, "ocr": 0.5}
+    # Other mappings still merge key by key.
+    assert deep_merge({"a": {"b": 1, "w": {"x": 1}}}, {"a": {"w": {"y": 2}}}, whole=("w",)) == {
+        "a": {"b": 1, "w": {"y": 2}}
+    }

@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Collection, Mapping, TypeVar
 
 import yaml
 
@@ -134,14 +134,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any], *, whole: Collection[str] = ()) -> dict[str, Any]:
     """``override`` on top of ``base``, as a new dict: nested mappings merge, everything else
     replaces. Nested mappings are copied, never shared with the inputs, so editing the result
-    (``apply_override``) cannot change a preset."""
+    (``apply_override``) cannot change a preset. A mapping under a key named in ``whole`` is one
+    value (a reward spec such as ``weights``): the override's replaces the base's."""
     out = {k: deep_merge({}, v) if isinstance(v, Mapping) else v for k, v in base.items()}
     for key, value in override.items():
         if isinstance(value, Mapping):
-            out[key] = deep_merge(out[key] if isinstance(out.get(key), Mapping) else {}, value)
+            under = out.get(key) if key not in whole and isinstance(out.get(key), Mapping) else {}
+            out[key] = deep_merge(under, value, whole=whole)
         else:
             out[key] = value
     return out
