@@ -60,3 +60,15 @@ def test_bad_captions_and_images_are_clear_errors():
         td.render(td.Scene("red", "circle", 16, 16, 8), style="dusk")
     blank = np.full((32, 32, 3), 225, np.uint8)
     assert td.read_image(blank).caption is None
+
+
+def test_a_mixture_of_styles_holds_its_night_share_per_caption():
+    images, texts = td.dataset(96, seed=8, night_share=0.25)
+    styles = [td.style_of(img) for img in images]
+    for caption in td.captions():  # 8 scenes of each caption: exactly 2 at night
+        assert sum(s == "night" for s, t in zip(styles, texts, strict=True) if t == caption) == 2
+    assert td.caption_accuracy(images, texts)["both"] == 1.0
+    drawn, _ = td.dataset(600, seed=8, night_share=0.25, per_caption=False)
+    assert 0.2 < np.mean([td.style_of(img) == "night" for img in drawn]) < 0.3
+    # Without a share, one style, as before.
+    assert {td.style_of(img) for img in td.dataset(24, seed=8)[0]} == {"day"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -39,16 +40,47 @@ def test_shipped_models_samples_follow_their_captions():
     # Far above chance; the record's 300-sample figure is what the training run measured.
     assert acc["colour"] >= 0.9, acc
     assert acc["both"] >= max(4 * CHANCE_BOTH, record["final_accuracy"]["both"] - 0.2), acc
+    # It draws both styles of its training mixture (a quarter night), unasked.
+    assert 0.1 <= acc["night"] <= 0.45, acc
 
 
 @pytest.mark.slow
 def test_the_training_script_writes_a_loadable_pipeline_and_its_record(tmp_path):
     out = tmp_path / "toy"
-    argv = ["--output", str(out), "--minutes", "1", "--max-steps", "3", "--vae-steps", "3", "--images", "96"]
-    argv += ["--batch", "8", "--eval-every-s", "1e9", "--final-samples", "1"]
+    argv = ["--output", str(out), "--steps", "3", "--vae-steps", "3", "--images", "96", "--night-share", "0.5"]
+    argv += ["--batch", "8", "--eval-every", "2", "--final-samples", "1"]
     assert main(argv) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["sha256"] == file_digests(out) and record["command"].endswith(" ".join(argv))
-    assert record["curve"][-1]["step"] == 3 and set(record["final_accuracy"]) == {"colour", "shape", "both"}
+    assert [p["step"] for p in record["curve"]] == [2, 3]
+    assert set(record["final_accuracy"]) == {"colour", "shape", "both", "night"}
     pipe = load_sd3_pipeline(str(out))
     assert pipe.tokenizer.model_max_length == 24 and pipe.vae.config.scaling_factor > 0
+
+
+def test_the_training_pipeline_samples_as_the_saved_one_loads():
+    """The training script's evaluations draw from the pipeline it builds in memory: with the
+    shipped weights it gives the saved pipeline's pixels (it once kept the tiny VAE's latent size,
+    and its curve measured 8x8-latent samples)."""
+    from advgrpo.trainer.loop import generate_images
+    from advgrpo.trainer.toy_model import build_untrained
+
+    shipped = load_sd3_pipeline("toy")
+    built = build_untrained(0)
+    assert built.vae_scale_factor == shipped.vae_scale_factor == 2
+    built.transformer.load_state_dict(shipped.transformer.state_dict())
+    built.vae.load_state_dict(shipped.vae.state_dict())
+    built.vae.register_to_config(
+        shift_factor=shipped.vae.config.shift_factor, scaling_factor=shipped.vae.config.scaling_factor
+    )
+    built.transformer.eval()
+    built.vae.eval()
+    settings = {"resolution": IMAGE_SIZE, "num_steps": 4, "guidance_scale": 4.5, "max_sequence_length": 24}
+    prompts = ["a red circle", "a blue triangle"]
+    for a, b in zip(
+        generate_images(built, prompts, settings, seed=5),
+        generate_images(shipped, prompts, settings, seed=5),
+        strict=True,
+    ):
+        assert a.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

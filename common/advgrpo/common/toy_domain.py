@@ -4,9 +4,13 @@ The toy world in which Adv-GRPO can be watched working on a laptop (docs/EXPERIM
 RGB images of one shape in one named colour, captioned "a red circle". Two styles of the same
 scenes share shapes, colours and layout and differ in their look:
 
-* ``"day"``: the shape filled flat on a light grey background (the data the toy models learn);
-* ``"night"``: the same shape and hue on a dark blue background, with a lighter rim (the second
-  distribution, the references for the transfer experiment).
+* ``"day"``: the shape filled flat on a light grey background;
+* ``"night"``: the same shape and hue on a dark blue background, with a lighter rim.
+
+The toy text-to-image model learns a mixture of the two in which a quarter of the scenes are night
+(``PRETRAINING_NIGHT_SHARE``; captions never name the style): that mixture is "the data", whose
+references Adv-GRPO trains against, and night alone is the other distribution of the transfer
+experiment.
 
 ``check_caption`` recovers colour and shape from pixels alone (no network), for either style:
 the shape's pixels are those far from the background colour (estimated from the border); the
@@ -39,6 +43,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"day": (225, 225, 225), "night": (24, 28, 64)}
 STYLES: tuple[Style, ...] = ("day", "night")
+# The night share of the data the toy models are trained on (advgrpo.trainer.toy_model).
+PRETRAINING_NIGHT_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -116,17 +122,25 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
 
 
 def dataset(
-    n: int, *, size: int = 32, style: Style = "day", seed: int = 0, per_caption: bool = True
-) -> tuple[list[np.ndarray], list[str]]:
+    n: int, *, size: int = 32, style: Style = "day", seed: int = 0, per_caption: bool = True,
+    night_share: float | None = None,
+) -> tuple[list[np.ndarray], list[str]]:  # fmt: skip
     """``n`` rendered images and their captions; ``per_caption``: the captions cycle through
-    every caption in turn (balanced), else each is drawn at random."""
+    every caption in turn (balanced), else each is drawn at random. ``night_share``: a mixture of
+    the styles instead of ``style`` alone, with that share of night scenes (with ``per_caption``,
+    exactly that share of each caption's scenes, evenly spaced; else each scene at random)."""
     rng = random.Random(seed)
     all_captions = captions()
     images, texts = [], []
     for i in range(n):
         text = all_captions[i % len(all_captions)] if per_caption else rng.choice(all_captions)
         colour, shape = parse_caption(text)
-        images.append(render(random_scene(rng, size, colour, shape), size, style))
+        scene_style = style
+        if night_share is not None:
+            k = i // len(all_captions)  # this caption's k-th scene
+            night = math.floor((k + 1) * night_share) > math.floor(k * night_share) if per_caption else None
+            scene_style = "night" if (night if night is not None else rng.random() < night_share) else "day"
+        images.append(render(random_scene(rng, size, colour, shape), size, scene_style))
         texts.append(text)
     return images, texts
 

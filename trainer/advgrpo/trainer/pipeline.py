@@ -222,6 +222,28 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)
 
 
+@contextlib.contextmanager
+def _no_progress_bars(quiet: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading bars off while a local folder loads (on a laptop they
+    fill the terminal with nothing but a few milliseconds each; a hub download keeps them)."""
+    if not quiet:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def load_sd3_pipeline(
     model: str,
     *,
@@ -255,7 +277,8 @@ def load_sd3_pipeline(
             source = model
         try:
             # diffusers 0.42 deprecates ``torch_dtype`` in favour of ``dtype``.
-            pipeline = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
+            with _no_progress_bars(quiet=path.exists()):
+                pipeline = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype)
         except Exception as err:  # hub, network, file and config errors all arrive here
             lines = str(err).strip().splitlines()
             reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
