@@ -12,6 +12,10 @@ from advgrpo.common.typed_config import deep_merge, from_mapping, load_yaml, to_
 
 # "tiny" as a model id builds a small random-initialised model in memory (no downloads).
 TINY = "tiny"
+# "toy" as a DINOv2 backbone is the toy world's pretrained one, shipped in the package
+# (advgrpo.reward_server.toy_backbone trained it; docs/EXPERIMENTS.md).
+TOY = "toy"
+TOY_DINOV2_DIR = Path(__file__).parent / "toy_dinov2"
 
 
 @dataclass
@@ -28,7 +32,7 @@ class BatchingConfig:
 class DinoParams:
     """Frozen DINOv2 backbone + trainable head (Adv-GRPO). Defaults are the paper's."""
 
-    backbone: str = "facebook/dinov2-base"  # model id, local path, or "tiny"
+    backbone: str = "facebook/dinov2-base"  # model id, local path, "toy" (shipped) or "tiny" (random)
     image_size: int = 518
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -57,7 +61,7 @@ class DinoSimilarityParams:
     of its DINOv2 CLS embedding (the final-layer-normed CLS token) to those of its group's reference
     images (``ImageGroup.references``), the maximum over them. Frozen; fp32."""
 
-    backbone: str = "facebook/dinov2-base"  # model id, local path, or "tiny"
+    backbone: str = "facebook/dinov2-base"  # model id, local path, "toy" (shipped) or "tiny" (random)
     image_size: int = 518
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -105,6 +109,13 @@ class BrightnessParams:
     """Mean pixel value in [0, 1]: a dense reward for tests and sanity checks of RL."""
 
 
+@dataclass
+class SaturationParams:
+    """Mean HSV saturation in [0, 1]: a fixed scorer with a known bias, the toy world's stand-in for
+    PickScore's taste for saturated colour (docs/EXPERIMENTS.md). A generator can raise it without
+    drawing any better, which is what the hackable-reward experiment needs."""
+
+
 KIND_PARAMS: dict[str, type] = {
     "dino": DinoParams,
     "dino_similarity": DinoSimilarityParams,
@@ -112,6 +123,7 @@ KIND_PARAMS: dict[str, type] = {
     "ocr": OcrParams,
     "noop": NoopParams,
     "brightness": BrightnessParams,
+    "saturation": SaturationParams,
 }
 
 
@@ -197,6 +209,33 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dino_similarity": {
                 "kind": "dino_similarity",
                 "params": {"backbone": TINY, "image_size": 56, "reference_cache_bytes": 16 << 20},
+            },
+        },
+    },
+    # The toy world (docs/EXPERIMENTS.md): the discriminator and the similarity metric on the
+    # shipped toy DINOv2 (32 px, 64 patch tokens), and the hackable proxy (saturation). No downloads.
+    "toy": {
+        "server": {"port": 50051, "http_port": 8080},
+        "models": {
+            "dino": {
+                "kind": "dino",
+                "weight": 1.0,
+                "params": {
+                    "backbone": TOY,
+                    "image_size": 32,
+                    "head_hidden": 64,
+                    "num_patches": 16,
+                    # 100x the paper's 1e-4: an update here sees 64 images, not 1536, and the
+                    # generator takes an update every other epoch, not every tenth.
+                    "lr": 1e-2,
+                    "feature_cache_bytes": 64 << 20,  # 16.6 KB per image: ~4k references
+                    "recent_feature_cache_bytes": 64 << 20,
+                },
+            },
+            "saturation": {"kind": "saturation"},
+            "dino_similarity": {
+                "kind": "dino_similarity",
+                "params": {"backbone": TOY, "image_size": 32, "reference_cache_bytes": 16 << 20},
             },
         },
     },

@@ -49,4 +49,8 @@ def build_model(cfg: ModelConfig, device: str = "cpu") -> RewardModel:
         from advgrpo.reward_server.models.noop import BrightnessReward
 
         return BrightnessReward(cfg.name, cfg.params)
+    if cfg.kind == "saturation":
+        from advgrpo.reward_server.models.noop import SaturationReward
+
+        return SaturationReward(cfg.name, cfg.params)
     raise ValueError(f"unknown model kind {cfg.kind!r}")

@@ -52,7 +52,7 @@ from torch import nn
 from advgrpo.common.errors import InvalidArgument
 from advgrpo.common.optimizer_state import optimizer_state_from_tensors, optimizer_state_to_tensors
 from advgrpo.kernels import patch_hinge_loss, patch_score
-from advgrpo.reward_server.config import TINY, DinoParams
+from advgrpo.reward_server.config import TINY, TOY, DinoParams
 from advgrpo.reward_server.feature_cache import FeatureCache
 from advgrpo.reward_server.models.base import (
     Image,
@@ -66,7 +66,13 @@ from advgrpo.reward_server.models.base import (
     resolve_device,
     splitmix64,
 )
-from advgrpo.reward_server.models.dinov2 import Preprocess, backbone_tokens, images_per_forward, load_dinov2
+from advgrpo.reward_server.models.dinov2 import (
+    Preprocess,
+    backbone_tokens,
+    images_per_forward,
+    load_dinov2,
+    toy_backbone_digest,
+)
 
 __all__ = [
     "DinoDiscriminator",
@@ -387,6 +393,8 @@ class DinoDiscriminator(TrainableRewardModel):
     def fingerprint(self) -> str:
         p = self.params
         backbone = f"tiny-{p.image_size}-s{p.seed}" if p.backbone == TINY else p.backbone
+        if p.backbone == TOY:  # the shipped weights by content: a retrained toy backbone is another one
+            backbone = "toy-" + toy_backbone_digest()[:16]
         return f"dino|{backbone}|D={self.dim}|head={p.head_hidden}|transform={p.feature_transform}"
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -2,7 +2,8 @@
 ``dino_similarity`` metric): loading, preprocessing, and forwards that are batch-invariant on the
 CPU. One copy of these, so both models see an image exactly alike.
 
-Loading: a model id or local path (``transformers.Dinov2Model.from_pretrained``, float32), or
+Loading: a model id or local path (``transformers.Dinov2Model.from_pretrained``, float32), "toy"
+(the toy world's pretrained backbone, shipped in the package: ``config.TOY_DINOV2_DIR``), or
 "tiny" (``advgrpo.common.tiny_models.tiny_dinov2``: random-initialised from a seed, no download);
 frozen (eval, no grad). Preprocessing: uint8 [H, W, 3] -> float32 [3, S, S], bicubic (antialiased
 when shrinking), clamped to [0, 1], then ImageNet-style mean/std normalisation. Forwards: one image
@@ -13,6 +14,7 @@ call on a GPU.
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,14 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advgrpo.reward_server.config import TINY
+from advgrpo.reward_server.config import TINY, TOY, TOY_DINOV2_DIR
 
-__all__ = ["Preprocess", "backbone_tokens", "images_per_forward", "load_dinov2"]
+__all__ = ["Preprocess", "backbone_tokens", "images_per_forward", "load_dinov2", "toy_backbone_digest"]
+
+
+def toy_backbone_digest() -> str:
+    """sha256 of the shipped toy backbone's weights, as its training record states them."""
+    record = json.loads((TOY_DINOV2_DIR / "training.json").read_text())
+    return record["sha256"]["model.safetensors"]
 
 
 def load_dinov2(backbone: str, image_size: int, seed: int, device: torch.device) -> nn.Module:
-    """The frozen DINOv2 ``backbone`` (id, local path, or "tiny": built for ``image_size`` from
-    ``seed``) on ``device``, in float32, eval mode, without gradients."""
+    """The frozen DINOv2 ``backbone`` (id, local path, "toy": the shipped toy-world backbone, or
+    "tiny": built for ``image_size`` from ``seed``) on ``device``, in float32, eval mode, without
+    gradients."""
     if backbone == TINY:
         from advgrpo.common.tiny_models import tiny_dinov2
 
@@ -35,7 +44,7 @@ def load_dinov2(backbone: str, image_size: int, seed: int, device: torch.device)
     else:
         from transformers import Dinov2Model
 
-        model = Dinov2Model.from_pretrained(backbone, dtype=torch.float32)
+        model = Dinov2Model.from_pretrained(TOY_DINOV2_DIR if backbone == TOY else backbone, dtype=torch.float32)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -1,4 +1,5 @@
-"""Simple reward models: a constant (isolates transport cost) and brightness (RL sanity checks)."""
+"""Simple reward models: a constant (isolates transport cost), brightness (RL sanity checks) and
+saturation (the toy world's hackable proxy)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from advgrpo.reward_server.config import BrightnessParams, NoopParams
+from advgrpo.reward_server.config import BrightnessParams, NoopParams, SaturationParams
 from advgrpo.reward_server.models.base import Image, RewardModel
 
 
@@ -35,3 +36,22 @@ class BrightnessReward(RewardModel):
 
     def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
         return np.array([img.mean() / 255.0 for img in images], dtype=np.float32)
+
+
+def saturation(image: Image) -> float:
+    """Mean HSV saturation, (max - min) / max per pixel (0 where the pixel is black), in [0, 1]."""
+    rgb = image.astype(np.float32)
+    hi, lo = rgb.max(axis=2), rgb.min(axis=2)
+    return float(np.mean(np.where(hi > 0, (hi - lo) / np.maximum(hi, 1.0), 0.0)))
+
+
+class SaturationReward(RewardModel):
+    """Mean HSV saturation in [0, 1] (``saturation``): the toy world's hackable proxy reward."""
+
+    kind = "saturation"
+
+    def __init__(self, name: str, params: SaturationParams):
+        super().__init__(name)
+
+    def score(self, images: Sequence[Image], prompts: Sequence[str]) -> np.ndarray:
+        return np.array([saturation(img) for img in images], dtype=np.float32)
