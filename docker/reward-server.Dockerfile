@@ -37,4 +37,4 @@ EXPOSE 50051 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8080/readyz || exit 1
 ENTRYPOINT ["advgrpo-reward-server", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8080", "--state-dir", "/state"]
-CMD ["--preset", "tiny"]
+CMD ["--preset", "toy"]

@@ -1,4 +1,4 @@
-# The trainer: advgrpo-train, advgrpo-generate, the tiny demo (python -m advgrpo.trainer.demo) and
+# The trainer: advgrpo-train, advgrpo-generate, the toy-world demo (python -m advgrpo.trainer.demo) and
 # the accelerate launch configs (/app/trainer/accelerate-configs/). It talks to a reward server over gRPC
 # and installs no server code. CPU by default; for CUDA build with
 #   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128

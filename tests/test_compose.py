@@ -1,7 +1,7 @@
 """docker-compose.yml, .env.example and the two images (no Docker engine here): the compose file
 validates (`docker-compose config`, and a structural check of our own that always runs), every
 variable is documented, the Dockerfiles are sound, and each service's exact command line runs as
-a local process on the tiny preset, in an environment built from its image's files."""
+a local process on the toy preset, in an environment built from its image's files."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_gpu_profile_reserves_nvidia_gpus_and_uses_the_real_presets():
         flag(s["trainer-gpu"].argv, "--preset") == "dino_cotrain_sd3_patch_fast"
         and "dino_cotrain_sd3_patch_fast" in TRAINER_PRESETS
     )
-    assert flag(s["reward-server"].argv, "--preset") == "tiny"
+    assert flag(s["reward-server"].argv, "--preset") == "toy"
     # The presets are variables: every value offered by the CLIs is reachable.
     custom = services(
         {"REWARD_GPU_PRESET": "tiny", "TRAINER_GPU_PRESET": "ocr_cotrain_sd3_fast", "TRAINER_GPU_COUNT": "2"}
@@ -317,7 +317,7 @@ def test_each_services_command_runs_as_a_local_process(profile, image_env, tmp_p
     """The services of a profile, as their containers would run them (exact command line from the
     parsed compose file and Dockerfile, image ENV + compose environment), each in an environment
     holding its image's wheels: the server starts and its healthcheck passes (and fails once it
-    is stopped), the trainer's command runs its tiny epochs against it to completion while its
+    is stopped), the trainer's command runs its epochs against it to completion while its
     healthcheck passes, then fails (the trainer finished)."""
     token = secrets.token_hex(8)
     env = {"ADVGRPO_AUTH_TOKEN": token}
@@ -354,7 +354,12 @@ def test_each_services_command_runs_as_a_local_process(profile, image_env, tmp_p
             log.flush()
             raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from None
         assert ready["grpc_port"] == ports[server_name][50051]
-        assert {m["name"] for m in ready["models"]} == {"dino", "pickscore", "ocr", "dino_similarity"}
+        models = (
+            {"dino", "saturation", "dino_similarity"}
+            if profile == "default"
+            else {"dino", "pickscore", "ocr", "dino_similarity"}
+        )
+        assert {m["name"] for m in ready["models"]} == models
         for _ in range(40):
             if server_health.probe()[0] == 0:
                 break

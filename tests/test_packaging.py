@@ -48,7 +48,9 @@ def test_reward_server_dockerfile_copies_existing_paths_and_runs_a_valid_command
     config = yaml.safe_load(out.stdout)
     assert config["server"]["port"] == 50051 and config["server"]["http_port"] == 8080
     assert config["server"]["state_dir"] == "/state"
-    assert set(config["models"]) == {"dino", "pickscore", "ocr", "dino_similarity"}
+    # The image's default: the toy world's discriminator, shipped inside it (no downloads).
+    assert set(config["models"]) == {"dino", "saturation", "dino_similarity"}
+    assert config["models"]["dino"]["params"]["backbone"] == "toy"
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""``make demo`` (until the trainer lands): start the reward server on the tiny preset, score a
+"""The reward server alone (``python -m advgrpo.reward_server.demo``): start it on the tiny preset, score a
 group with every model, teach the discriminator references from generations, and stop."""
 
 from __future__ import annotations

@@ -303,9 +303,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "flow_grpo_general_ocr_sd3": deep_merge(_FLOW_GRPO, {"optim": {"beta": 0.04}, "reward": {"weights": {"ocr": 1.0}}}),
 }
 
-# The tiny preset's recipe on the shipped pretrained toy model (a small SD3 that draws the toy
-# domain of advgrpo.common.toy_domain from its captions; docs/EXPERIMENTS.md).
-PRESETS["toy"] = deep_merge(PRESETS["tiny"], {"model": {"pretrained": "toy", "max_sequence_length": 24}})
+# The toy world's recipe (docs/EXPERIMENTS.md): Adv-GRPO's sampler and update (CPS a = 0.8, a
+# 2-step SDE window at step 0, timestep fraction 0.99, no KL) on the shipped pretrained toy model,
+# a small SD3 that draws the toy domain of advgrpo.common.toy_domain from its captions. Scaled to
+# two CPU cores: 8 steps, 4 prompts x 8 images per epoch, one optimizer step per epoch, D every
+# other epoch with 4 optimizer steps per update (docs/METHOD.md gives each value's reason).
+PRESETS["toy"] = deep_merge(
+    PRESETS["tiny"],
+    {
+        "model": {"pretrained": "toy", "max_sequence_length": 24},
+        "sampling": {"num_steps": 8, "eval_num_steps": 8, "group_size": 8, "batch_size": 16, "batches_per_epoch": 2},
+        "optim": {"train_batch_size": 16},
+        "adversarial": {"steps": 4, "references_per_update": 32},
+    },
+)
 
 # Names of earlier releases, kept so that existing launch scripts still run the method they named.
 PRESET_ALIASES = {
@@ -317,6 +328,11 @@ PRESET_ALIASES = {
 
 def preset_names() -> list[str]:
     return [*PRESETS, *PRESET_ALIASES]
+
+
+# Reward specs: a file's or caller's ``reward.weights`` is the whole spec, never added to the
+# preset's (``--set reward.weights.ocr=0.5`` adds one model to it).
+WHOLE_MAPPINGS = ("weights", "eval_weights")
 
 
 def load_train_config(
@@ -332,11 +348,11 @@ def load_train_config(
             raise ConfigError(f"--preset: unknown preset {preset!r} (known: {', '.join(preset_names())})")
         data = deep_merge(data, PRESETS[preset])
     if config_file is not None:
-        data = deep_merge(data, load_yaml(config_file))
+        data = deep_merge(data, load_yaml(config_file), whole=WHOLE_MAPPINGS)
     for assignment in sets or []:
         apply_override(data, assignment)
     if overrides:
-        data = deep_merge(data, overrides)
+        data = deep_merge(data, overrides, whole=WHOLE_MAPPINGS)
     cfg = from_mapping(TrainConfig, data)
     validate(cfg)
     return cfg

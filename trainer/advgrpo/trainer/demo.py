@@ -1,13 +1,15 @@
-"""``make demo``: the whole system on the embedded default, in a few minutes on a CPU.
+"""The trainer's demo: Adv-GRPO on the toy world against a reward server, in a minute on a CPU.
 
-Starts the reward server (tiny preset: tiny DINOv2/CLIP in memory + real OCR), writes a small
-synthetic reference set, runs Adv-GRPO epochs of the tiny SD3 preset against the server (the
-DINO discriminator trains every other epoch, the generator in between), writes metrics, sample
-grids and a checkpoint, stops the server and says where everything is.
+Starts the reward server (its toy preset: the toy DINOv2 discriminator, no downloads), writes a
+reference set of the toy domain (rendered scenes of its 12 captions, in the mixture of styles the
+toy model was trained on), runs Adv-GRPO epochs of
+the shipped toy SD3 (the trainer's toy preset: the DINO discriminator trains every other epoch, the
+generator in between), writes metrics, sample grids and a checkpoint, stops the server and says
+where everything is. (``make demo`` runs the toy world's experiments instead: experiments/toy_world.)
 
 ``--server HOST:PORT`` runs the same epochs against a reward server that is already running
 (the compose stack's trainer service: ``python -m advgrpo.trainer.demo --server reward-server:50051``);
-it must serve a trainable ``dino`` (the server's tiny preset does). The token is
+it must serve a trainable ``dino`` (the server's toy and tiny presets do). The token is
 ``$ADVGRPO_AUTH_TOKEN``, as for the server.
 """
 
@@ -23,18 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_PROMPTS = [
-    "a red apple on a table",
-    "a blue car in the rain",
-    "a green tree on a hill",
-    "a yellow sun over the sea",
-]
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m advgrpo.trainer.demo", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--server", help="reward server HOST:PORT to train against (default: start a tiny one, stopped at the end)"
+        "--server", help="reward server HOST:PORT to train against (default: start a toy one, stopped at the end)"
     )
     p.add_argument(
         "--output-dir",
@@ -73,9 +68,11 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    from advgrpo.trainer.references import write_synthetic_references
+    from advgrpo.common.toy_domain import PRETRAINING_NIGHT_SHARE
+    from advgrpo.trainer.references import write_toy_references
 
-    refs = write_synthetic_references(out / "references", DEMO_PROMPTS, per_prompt=4)
+    # References from the data: the toy model's own pretraining mixture of the two styles.
+    refs = write_toy_references(out / "references", per_caption=8, night_share=PRETRAINING_NIGHT_SHARE)
     print(f"reference set: {refs}")
     server_log = out / "reward-server.log"
     t0 = time.perf_counter()
@@ -94,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
             )
             return 2
         try:
-            server = ServerProcess(["--preset", "tiny", "--state-dir", str(out / "reward-state")], log_file=server_log)
+            server = ServerProcess(["--preset", "toy", "--state-dir", str(out / "reward-state")], log_file=server_log)
         except RuntimeError:
             print(f"reward server failed to start; see {server_log}", file=sys.stderr)
             return 1
@@ -106,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         from advgrpo.trainer.loop import AdvGrpoTrainer
 
         cfg = load_train_config(
-            "tiny",
+            "toy",
             overrides={
                 "reward": {"server": target},
                 "adversarial": {"references": str(refs)},

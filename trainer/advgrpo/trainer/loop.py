@@ -353,6 +353,11 @@ class AdvGrpoTrainer:
             if cfg.run.save_every and (epoch + 1) % cfg.run.save_every == 0 or last:
                 self.save(epoch + 1)
                 healthcheck.progress("saved", epoch=epoch)
+        self.close()
+
+    def close(self) -> None:
+        """Closes the logs and the reward client (``run`` does at its end; a caller that drives
+        ``train_epoch`` itself, such as experiments/toy_world, does when it is done)."""
         self.metrics.close()
         self.reward_log.close()
         self.schedule_log.close()

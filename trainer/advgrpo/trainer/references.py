@@ -155,3 +155,24 @@ def write_synthetic_references(
     path = root / "references.json"
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def write_toy_references(
+    root: Path, style: str = "day", per_caption: int = 16, seed: int = 0, night_share: float | None = None
+) -> Path:
+    """A reference set of the toy world (``advgrpo.common.toy_domain``): ``per_caption`` rendered
+    32 px scenes of each of its 12 captions in ``style`` ("day" or "night"), or a mixture with
+    ``night_share`` of night scenes, as PNGs with a references.json in Adv-GRPO's format."""
+    from advgrpo.common import toy_domain as td
+
+    root.mkdir(parents=True, exist_ok=True)
+    n = per_caption * len(td.captions())
+    images, texts = td.dataset(n, size=32, style=style, seed=seed, night_share=night_share)
+    data: dict[str, list[str]] = {}
+    for i, (img, text) in enumerate(zip(images, texts, strict=True)):
+        name = f"{text.replace(' ', '_')}-{i:04d}.png"
+        Image.fromarray(img).save(root / name)
+        data.setdefault(text, []).append(name)
+    path = root / "references.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
