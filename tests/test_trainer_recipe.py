@@ -6,6 +6,7 @@ several processes in step."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 from advgrpo.common.errors import ConfigError
+from advgrpo.common.shared_memory import SHM_DIR
 from advgrpo.trainer.config import PRESET_ALIASES, PRESETS, load_train_config, validate_for_training
 
 from .conftest import REPO
@@ -158,15 +160,29 @@ def references(tmp_path_factory):
     return make_reference_set(tmp_path_factory.mktemp("refs"))
 
 
-def _trainer(tiny_server, references, tmp_path, *sets):
-    from advgrpo.trainer.loop import AdvGrpoTrainer
-
-    cfg = load_train_config(
+def _config(tiny_server, references, out, *sets):
+    return load_train_config(
         "tiny",
         sets=[f"adversarial.references={references}", *sets],
-        overrides={"reward": {"server": tiny_server.target}, "run": {"output_dir": str(tmp_path / "run")}},
+        overrides={"reward": {"server": tiny_server.target}, "run": {"output_dir": str(out / "run")}},
     )
-    return AdvGrpoTrainer(cfg)
+
+
+@pytest.fixture
+def make_trainer(tiny_server, references, tmp_path):
+    """Builds trainers on the tiny server (``make_trainer(*sets, out=..., resume=...)``) and closes
+    them after the test: an open trainer holds its client's shared-memory segments."""
+    from advgrpo.trainer.loop import AdvGrpoTrainer
+
+    made = []
+
+    def make(*sets, out=tmp_path, resume=None):
+        made.append(AdvGrpoTrainer(_config(tiny_server, references, out, *sets), resume=resume))
+        return made[-1]
+
+    yield make
+    for trainer in made:
+        trainer.close()
 
 
 def _epoch_batch(trainer):
@@ -186,8 +202,8 @@ def _grads(trainer) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_server, references, tmp_path):
-    trainer = _trainer(tiny_server, references, tmp_path, "optim.beta=0.04")
+def test_accumulated_step_equals_one_step_on_the_whole_batch(make_trainer):
+    trainer = make_trainer("optim.beta=0.04")
     batch = _epoch_batch(trainer)
     # Move the policy off the sampling policy: ratios != 1, some clipped, a real KL.
     with torch.no_grad():
@@ -218,10 +234,10 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(tiny_server, refere
 
 
 @pytest.mark.slow
-def test_the_sde_window_is_where_the_config_puts_it(tiny_server, references, tmp_path):
+def test_the_sde_window_is_where_the_config_puts_it(make_trainer):
     from advgrpo.trainer.rewards import RewardStream
 
-    trainer = _trainer(tiny_server, references, tmp_path, "sampling.sde_window_start=1")
+    trainer = make_trainer("sampling.sde_window_start=1")
     trainer._submitted = []
     stream = RewardStream(trainer.client, trainer.score_weights)
     assert trainer.sample_epoch(0, stream).trajectories[0].step_indices == (1, 2)
@@ -268,15 +284,15 @@ def _samples_for(trainer, batch):
 
 
 @pytest.mark.slow
-def test_vae_decodes_in_fp32_under_a_bf16_transformer(tiny_server, references, tmp_path):
+def test_vae_decodes_in_fp32_under_a_bf16_transformer(make_trainer, tmp_path):
     from advgrpo.trainer.loop import generate_images
 
-    trainer = _trainer(tiny_server, references, tmp_path, "model.dtype=bfloat16")
+    trainer = make_trainer("model.dtype=bfloat16")
     assert trainer.pipe.vae.dtype == torch.float32
     assert next(trainer.transformer.parameters()).dtype == torch.bfloat16
     images = generate_images(trainer.pipe, ["a red apple"], trainer.cfg, seed=0)
     assert images[0].dtype == np.uint8 and images[0].shape == (32, 32, 3)
-    kept = _trainer(tiny_server, references, tmp_path / "bf16", "model.dtype=bfloat16", "model.vae_dtype=bfloat16")
+    kept = make_trainer("model.dtype=bfloat16", "model.vae_dtype=bfloat16", out=tmp_path / "bf16")
     assert kept.pipe.vae.dtype == torch.bfloat16
     assert not np.array_equal(generate_images(kept.pipe, ["a red apple"], kept.cfg, seed=0)[0], images[0])
 
@@ -355,28 +371,25 @@ def _generated_prompts(out, epoch: int) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_start_up_refuses_what_would_fail_later(tiny_server, references, tmp_path):
+def test_start_up_refuses_what_would_fail_later(make_trainer):
+    def our_segments():
+        return set(SHM_DIR.glob(f"advgrpo-{os.getpid()}-*"))
+
+    before = our_segments()
     # An update the socket cannot carry (16 generations + 16 references of 32x32 = 98 KB raw).
     with pytest.raises(ConfigError, match=r"over 3x the message limit .*shared memory"):
-        _trainer(tiny_server, references, tmp_path, "reward.shared_memory=false", "reward.max_message_bytes=16384")
+        make_trainer("reward.shared_memory=false", "reward.max_message_bytes=16384")
     with pytest.raises(ConfigError, match="run.eval_weights: 'nope' is not served"):
-        _trainer(tiny_server, references, tmp_path, "run.eval_weights={nope: 1.0}")
+        make_trainer("run.eval_weights={nope: 1.0}")  # after its client placed a segment to probe the server
+    # A refused start closes what it opened (the client's channel and shared-memory segments).
+    assert our_segments() == before
     # A checkpoint resumes only under the recipe it was trained with.
-    from advgrpo.trainer.loop import AdvGrpoTrainer
-
-    first = _trainer(tiny_server, references, tmp_path)
-    first.save(1)
-    cfg = load_train_config(
-        "tiny",
-        sets=[f"adversarial.references={references}", "optim.clip_range=0.1", "adversarial.ratio_k=3"],
-        overrides={"reward": {"server": tiny_server.target}, "run": {"output_dir": str(tmp_path / "run")}},
-    )
+    make_trainer().save(1)
     with pytest.raises(
         ConfigError, match=r"another recipe \(adversarial.ratio_k: 2 -> 3; optim.clip_range: 0.2 -> 0.1\)"
     ):
-        AdvGrpoTrainer(cfg, resume="latest")
-    cfg.optim.clip_range, cfg.adversarial.ratio_k = 0.2, 2
-    assert AdvGrpoTrainer(cfg, resume="latest").state.epoch == 1
+        make_trainer("optim.clip_range=0.1", "adversarial.ratio_k=3", resume="latest")
+    assert make_trainer(resume="latest").state.epoch == 1
 
 
 def test_method_doc_lists_every_preset_and_every_value_the_method_presets_set():

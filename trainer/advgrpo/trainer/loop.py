@@ -93,6 +93,16 @@ class AdvGrpoTrainer:
         self.is_main = self.accelerator.is_main_process
         self.state = TrainerState(epoch=0, global_step=0)
         validate_for_training(cfg, self.world)
+        try:
+            self._setup(resume)
+        except BaseException:
+            # A refused start must not leave the client's channel and shared-memory segments, or
+            # the log files, open in the caller's process (a notebook, a sweep that tries configs).
+            self.close()
+            raise
+
+    def _setup(self, resume: str | Path | None) -> None:
+        cfg = self.cfg
         self._setup_data()  # local files first: their errors need no server
         self._setup_rewards()
         self._check_reference_coverage()
@@ -357,12 +367,19 @@ class AdvGrpoTrainer:
 
     def close(self) -> None:
         """Closes the logs and the reward client (``run`` does at its end; a caller that drives
-        ``train_epoch`` itself, such as experiments/toy_world, does when it is done)."""
-        self.metrics.close()
-        self.reward_log.close()
-        self.schedule_log.close()
-        self._ref_pool.shutdown()
-        self.client.close()
+        ``train_epoch`` itself, such as experiments/toy_world, does when it is done, or uses the
+        trainer as a context manager). Safe to call twice, and on a trainer whose start failed."""
+        for part in ("metrics", "reward_log", "schedule_log", "client"):
+            if (resource := self.__dict__.get(part)) is not None:
+                resource.close()
+        if (pool := self.__dict__.get("_ref_pool")) is not None:
+            pool.shutdown()
+
+    def __enter__(self) -> AdvGrpoTrainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
