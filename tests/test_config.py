@@ -66,10 +66,10 @@ def test_presets_load_and_yaml_merges_over_them(tmp_path):
     f.write_text("server: {port: 0}\nmodels:\n  ocr: null\n  dino: {params: {num_patches: 4}}\n")
     cfg = load_config("tiny", f)
     assert [m.name for m in cfg.models] == ["dino", "pickscore", "dino_similarity"]
-    assert cfg.model("dino").params.num_patches == 4 and cfg.model("dino").params.backbone == "tiny"
+    assert cfg.model("dino").params.num_patches == 4 and cfg.model("dino").params.backbone == "toy"
     assert cfg.server.port == 0 and cfg.default_weights() == {"dino": 1.0}
     # The evaluation metric is served, but not part of the default spec (it needs references).
-    for preset, backbone, size in (("tiny", "tiny", 56), ("sd3-adv", "facebook/dinov2-base", 518)):
+    for preset, backbone, size in (("tiny", "toy", 32), ("toy", "toy", 32), ("sd3-adv", "facebook/dinov2-base", 518)):
         sim = load_config(preset).model("dino_similarity")
         assert (sim.kind, sim.weight, sim.params.backbone, sim.params.image_size) == (
             "dino_similarity",

@@ -262,4 +262,4 @@ def test_accelerate_configs_parse_and_the_cpu_one_launches_the_trainer(tmp_path)
         cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
-    assert yaml.safe_load(out.stdout)["model"]["pretrained"] == "tiny"
+    assert yaml.safe_load(out.stdout)["model"]["pretrained"] == "toy"

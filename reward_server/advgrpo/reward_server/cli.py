@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="model set: 'tiny' (in-memory tiny models + real OCR, no downloads) or 'sd3-adv' (real model ids); default sd3-adv unless --config is given",
+        help="model set: 'toy' (the toy world's discriminator and proxy), 'tiny' (every reward kind, small: toy DINOv2, tiny CLIP, real OCR), both without downloads, or 'sd3-adv' (real model ids); default sd3-adv unless --config is given",
     )
     p.add_argument("--config", type=Path, help="YAML config file, merged over the preset")
     p.add_argument("--state-dir", type=Path, help="directory where discriminator state is made durable")

@@ -183,7 +183,9 @@ class ServerConfig:
 # Presets are plain mappings, so a YAML file merges over them key by key.
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tiny random-initialised DINOv2 and CLIP built in memory, real OCR: no downloads.
+    # Every kind of reward, small and with no downloads: the discriminator and the similarity
+    # metric on the shipped toy DINOv2 (trained on the toy domain), PickScore on a tiny CLIP
+    # built in memory (random weights: it scores, it is not a judge), real OCR.
     "tiny": {
         "server": {"port": 50051, "http_port": 8080},
         "models": {
@@ -191,12 +193,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "kind": "dino",
                 "weight": 1.0,
                 "params": {
-                    "backbone": TINY,
-                    "image_size": 56,
+                    "backbone": TOY,
+                    "image_size": 32,
                     "head_hidden": 64,
                     "num_patches": 8,
                     "lr": 3e-2,
-                    "feature_cache_bytes": 64 << 20,  # 2.1 KB per image: ~30k references
+                    "feature_cache_bytes": 64 << 20,  # 16.6 KB per image: ~4k references
                     "recent_feature_cache_bytes": 64 << 20,
                 },
             },
@@ -208,7 +210,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             # The evaluation metric (weight 0: asked for by name, with references in the groups).
             "dino_similarity": {
                 "kind": "dino_similarity",
-                "params": {"backbone": TINY, "image_size": 56, "reference_cache_bytes": 16 << 20},
+                "params": {"backbone": TOY, "image_size": 32, "reference_cache_bytes": 16 << 20},
             },
         },
     },

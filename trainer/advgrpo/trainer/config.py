@@ -226,11 +226,12 @@ _FLOW_GRPO = deep_merge(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tiny SD3 built in memory on the CPU: minutes, no downloads. Adv-GRPO's sampler (CPS, a = 0.8,
-    # a 2-step window at step 0) on 4 steps; a larger clip range and learning rate, so that a few
-    # epochs of 8 images move the LoRA.
+    # The shipped pretrained toy SD3 (advgrpo.trainer.toy_model) on the CPU: seconds per epoch, no
+    # downloads. Adv-GRPO's sampler (CPS, a = 0.8, a 2-step window at step 0) on 4 steps; a larger
+    # clip range and learning rate, so that a few epochs of 8 images move the LoRA. The toy preset
+    # below is the same recipe at the toy world's scale.
     "tiny": {
-        "model": {"pretrained": "tiny", "dtype": "float32", "resolution": 32, "max_sequence_length": 16},
+        "model": {"pretrained": "toy", "dtype": "float32", "resolution": 32, "max_sequence_length": 24},
         "lora": {"rank": 4, "alpha": 8},
         "sampling": {
             "num_steps": 4,
@@ -311,7 +312,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["toy"] = deep_merge(
     PRESETS["tiny"],
     {
-        "model": {"pretrained": "toy", "max_sequence_length": 24},
         "sampling": {"num_steps": 8, "eval_num_steps": 8, "group_size": 8, "batch_size": 16, "batches_per_epoch": 2},
         "optim": {"train_batch_size": 16},
         "adversarial": {"steps": 4, "references_per_update": 32},
