@@ -153,6 +153,9 @@ def test_dashboard_renders_live_state(tiny_server, tmp_path):
         assert update.version == 1 and not update.replayed
         scored = client.score([Group("a cat", [smooth_image(rng), noise_image(rng), smooth_image(rng)])])
         assert scored[0].model_versions == {"dino": 1}
+        # Two images without text: OCR gives both 0, a group GRPO learns nothing from.
+        blank = client.score([Group('a sign that says "hi"', [smooth_image(rng), smooth_image(rng)])], {"ocr": 1.0})
+        assert blank[0].rewards == [0.0, 0.0]
 
     url = tiny_server.http + "/dashboard"
     dom = parse_dom(run_browser(browser, tmp_path / "profile", url, "--dump-dom").stdout)
@@ -174,6 +177,15 @@ def test_dashboard_renders_live_state(tiny_server, tmp_path):
     assert dino.find("td", data_field="kind").text == "dino"
     assert dino.find("td", data_field="images_scored").text == "3"
     assert rows["ocr"].attrs["data-trainable"] == "false"
+    # Model health: nothing failed; OCR's zero-variance group is counted and flagged, dino's is not.
+    for name in rows:
+        assert rows[name].find("td", data_field="failures").attrs["data-value"] == "0"
+        assert rows[name].find("td", data_field="nonfinite").attrs["data-value"] == "0"
+        assert rows[name].find("td", data_field="constant").attrs["data-value"] == "false"
+    ocr_zero = rows["ocr"].find("td", data_field="zero_variance_groups")
+    assert ocr_zero.attrs["data-value"] == "1" and ocr_zero.has_class("warn") and "100 %" in ocr_zero.text
+    dino_zero = rows["dino"].find("td", data_field="zero_variance_groups")
+    assert dino_zero.attrs["data-value"] == "0" and not dino_zero.has_class("warn")
 
     # The discriminator card: latest values and a chart point per update.
     card = dom.find("section", data_model="dino", data_version="1")

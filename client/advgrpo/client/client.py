@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import grpc
@@ -32,6 +33,28 @@ SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 UNARY_METHODS = ("Score", "UpdateDiscriminator", "ListModels", "CheckSharedMemory")
 
 
+def channel_credentials(
+    tls: bool, ca: str | Path | None, cert: str | Path | None, key: str | Path | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a channel, or None for plaintext (no TLS option given)."""
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert and tls_key: give both (the client certificate and its key) or neither")
+    if not (tls or ca is not None or cert is not None):
+        return None
+
+    def read(path, name):
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{name} {path}: cannot read ({exc.strerror})") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca, "tls_ca"), private_key=read(key, "tls_key"), certificate_chain=read(cert, "tls_cert")
+    )
+
+
 class RewardClient:
     def __init__(
         self,
@@ -49,6 +72,11 @@ class RewardClient:
         max_rescores: int = 3,
         stream_slots: int = 8,
         max_images_per_call: int = 1024,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_server_name: str | None = None,
     ):
         """``keep_freed_memory``: tune this process's glibc allocator to keep freed buffers (see
         advgrpo.common.allocator); it makes raw image transfers much cheaper, process-wide.
@@ -83,6 +111,12 @@ class RewardClient:
         through the socket sends them as PNG instead (lossless), and raises ValueError if even
         that does not fit.
 
+        ``tls``: connect over TLS, checking the server's certificate against the system's CAs or
+        ``tls_ca`` (a PEM bundle; giving it, or a client certificate, implies ``tls``).
+        ``tls_cert``/``tls_key``: this client's PEM certificate chain and key, for a server that
+        requires them (mutual TLS, the server's ``--tls-client-ca``). ``tls_server_name``: the
+        name to check the server's certificate against, when ``target`` is not it.
+
         ``timeout_s``: the deadline of each call (gRPC's own retries of it included, see
         RetryPolicy); for ``score_stream``, how long the server may leave messages unanswered
         (see there)."""
@@ -105,19 +139,23 @@ class RewardClient:
         self.min_call_bytes = min_call_bytes
         self.max_rescores = max_rescores
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                # gRPC's own reconnect backoff grows to 120 s by default: a channel would then
-                # sit out a restarted server for longer than the retry budget. Keep it short.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", max(100, int(self.retry.max_backoff_s * 1000))),
-                # gRPC retries the unary calls itself first (a service-config retryPolicy).
-                *channel_options(self.retry, SERVICE, UNARY_METHODS, max_message_bytes, timeout_s),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # gRPC's own reconnect backoff grows to 120 s by default: a channel would then
+            # sit out a restarted server for longer than the retry budget. Keep it short.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", max(100, int(self.retry.max_backoff_s * 1000))),
+            # gRPC retries the unary calls itself first (a service-config retryPolicy).
+            *channel_options(self.retry, SERVICE, UNARY_METHODS, max_message_bytes, timeout_s),
+        ]
+        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
         # Score, ScoreStream and UpdateDiscriminator carry the images: their requests are written
         # straight to the wire format (one copy of the pixels, advgrpo.client.encoding); the rest

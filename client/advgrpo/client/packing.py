@@ -10,11 +10,14 @@ again (``merge_parts``), noting groups whose parts were scored under different m
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import grpc
+
 from advgrpo.client.encoding import FIELD_OVERHEAD, EncodedGroup, ScoreBatch
-from advgrpo.client.types import GroupScore
+from advgrpo.client.types import ClientRpcError, GroupScore
 from advgrpo.reward.v1 import reward_pb2
 
 log = logging.getLogger(__name__)
@@ -102,9 +105,22 @@ class Part:
 
 
 def collect(response: reward_pb2.ScoreResponse, parts: PartList) -> list[Part]:
-    """A request's answer, one ``Part`` per group it carried."""
+    """A request's answer, one ``Part`` per group it carried. A NaN or infinite value is refused
+    (our server never sends one; another implementation of the contract might): a failure is
+    never a reward."""
     if len(response.groups) != len(parts):
         raise RuntimeError(f"server answered {len(response.groups)} groups for {len(parts)} sent")
+    for g in response.groups:
+        for name, values in [
+            ("rewards", g.rewards),
+            *((f"components[{k!r}]", v.values) for k, v in g.components.items()),
+        ]:
+            bad = [i for i, x in enumerate(values) if not math.isfinite(x)]
+            if bad:
+                raise ClientRpcError(
+                    grpc.StatusCode.INTERNAL,
+                    f"group {g.group_id!r}: the server sent {name}[{bad[0]}] = {values[bad[0]]}; refused, not a reward",
+                )
     return [
         Part(
             index,

@@ -57,5 +57,12 @@ class Unauthenticated(RewardError):
     http_status = 401
 
 
+class ModelFailed(RewardError):
+    """A model produced no usable score (e.g. NaN): the request fails, and no number stands in."""
+
+    code = grpc.StatusCode.INTERNAL
+    http_status = 500
+
+
 class ConfigError(ValueError):
     """A bad server configuration (file, preset or flag); the CLI prints it without a traceback."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.auth import TOKEN_ENV, TOKENS_ENV
 from advgrpo.reward_server.config import PRESETS, dump_config, load_config
 
 
@@ -35,7 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config file, merged over the preset")
     p.add_argument("--state-dir", type=Path, help="directory where discriminator state is made durable")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' (also $ADVGRPO_AUTH_TOKEN)")
+    p.add_argument(
+        "--auth-token",
+        help="one bearer token with the 'update' scope: RPCs need 'authorization: Bearer TOKEN' (also $ADVGRPO_AUTH_TOKEN)",
+    )
+    p.add_argument(
+        "--tokens-file",
+        type=Path,
+        help="bearer tokens with scopes, one 'TOKEN SCOPE' per line ('#' comments; scope 'score', or 'update' "
+        "which also scores); the same lines can come from $ADVGRPO_TOKENS (entries may be separated by commas)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on an address other than loopback with no tokens (refused otherwise)",
+    )
+    p.add_argument("--tls-cert", type=Path, help="serve gRPC and HTTP over TLS with this PEM certificate chain")
+    p.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca", type=Path, help="mutual TLS: require client certificates signed by this PEM CA bundle"
+    )
     p.add_argument("--max-message-bytes", type=int, help="gRPC message limit (default 64 MiB)")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--ready-file", type=Path, help="write the ready line (JSON with the ports) to this file")
@@ -52,7 +72,13 @@ def config_from_args(args: argparse.Namespace):
         ("http_port", args.http_port),
         ("state_dir", str(args.state_dir) if args.state_dir else None),
         ("device", args.device),
-        ("auth_token", args.auth_token or os.environ.get("ADVGRPO_AUTH_TOKEN") or None),
+        ("auth_token", args.auth_token or os.environ.get(TOKEN_ENV) or None),
+        ("tokens_file", str(args.tokens_file) if args.tokens_file else None),
+        ("tokens", os.environ.get(TOKENS_ENV) or None),
+        ("insecure", True if args.insecure else None),
+        ("tls_cert", str(args.tls_cert) if args.tls_cert else None),
+        ("tls_key", str(args.tls_key) if args.tls_key else None),
+        ("tls_client_ca", str(args.tls_client_ca) if args.tls_client_ca else None),
         ("max_message_bytes", args.max_message_bytes),
         ("log_level", args.log_level),
     ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,19 @@ class ServerSettings:
     max_images_per_request: int = 1024
     max_stream_inflight: int = 8  # ScoreStream requests scored concurrently per stream
     max_update_steps: int = 1000  # optimizer steps one UpdateDiscriminator may ask for
-    auth_token: str | None = None  # when set, RPCs need "authorization: Bearer <token>"
+    # Bearer tokens (advgrpo.reward_server.auth): auth_token is one token with the "update" scope
+    # (--auth-token, $ADVGRPO_AUTH_TOKEN); tokens_file holds "TOKEN SCOPE" lines (--tokens-file);
+    # tokens the same lines inline ($ADVGRPO_TOKENS). With none, every RPC is open.
+    auth_token: str | None = None
+    tokens_file: Path | None = None
+    tokens: str | None = None
+    # Listening on an address other than loopback with no tokens is refused unless this is set.
+    insecure: bool = False
+    # TLS for gRPC and HTTP: a PEM certificate chain and its key; with tls_client_ca, clients must
+    # present a certificate signed by that CA (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     torch_threads: int = 0  # 0: torch's default
     keep_freed_memory: bool = True  # glibc keeps freed buffers warm (reward_server/allocator.py)
@@ -305,12 +318,54 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a literal address or "localhost") only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _validate_security(server: ServerSettings) -> None:
+    from advgrpo.reward_server.auth import TOKEN_ENV, TOKENS_ENV, build_table
+
+    tokens = build_table(server.tokens_file, server.tokens, server.auth_token)  # reads and checks the file
+    if not tokens and not server.insecure and not is_loopback(server.host):
+        raise ConfigError(
+            f"server.host {server.host}: listening on an address other than loopback with no tokens would let "
+            "anyone who reaches it score and train the discriminator; configure tokens (--tokens-file, "
+            f"${TOKENS_ENV} or --auth-token/${TOKEN_ENV}), or pass --insecure (server.insecure) to allow it"
+        )
+    if (server.tls_cert is None) != (server.tls_key is None):
+        raise ConfigError("server.tls_cert, server.tls_key: give both (--tls-cert and --tls-key) or neither")
+    if server.tls_client_ca is not None and server.tls_cert is None:
+        raise ConfigError("server.tls_client_ca: mutual TLS needs the server's own --tls-cert and --tls-key")
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(server, key)
+        if path is not None:
+            read_pem(path, f"--{key.replace('_', '-')}")
+
+
+def read_pem(path: Path, flag: str) -> bytes:
+    """A PEM file's bytes; an unreadable or non-PEM file is a ConfigError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
+    return data
+
+
 def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
     # "[::1]" (as in a URL) and "::1" both mean the IPv6 literal; keep it bare.
     if server.host.startswith("[") and server.host.endswith("]"):
         server.host = server.host[1:-1]
     if not server.host:
         raise ConfigError("server.host: must not be empty")
+    _validate_security(server)
     if not 0 <= server.port <= 65535:
         raise ConfigError(f"server.port: must be in 0..65535, got {server.port}")
     if server.http_port is not None and not 0 <= server.http_port <= 65535:
@@ -384,6 +439,9 @@ def load_config(
 def dump_config(config: ServerConfig) -> dict[str, Any]:
     """The mapping form of a config (what ``--print-config`` shows)."""
     out = {"server": to_mapping(config.server), "models": {}}
+    for secret in ("auth_token", "tokens"):  # never printed, logged or written back
+        if out["server"].get(secret):
+            out["server"][secret] = "<redacted>"
     for m in config.models:
         out["models"][m.name] = {
             "kind": m.kind,

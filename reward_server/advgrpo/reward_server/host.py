@@ -22,13 +22,21 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from advgrpo.common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from advgrpo.common.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelFailed,
+    NotFound,
+    ResourceExhausted,
+)
 from advgrpo.common.results import GroupScore, ModelInfo, UpdateResult
 from advgrpo.common.shared_memory import SharedMemoryReader
 from advgrpo.reward_server.batching import BatchStats, DynamicBatcher
 from advgrpo.reward_server.config import ModelConfig, ServerConfig
 from advgrpo.reward_server.metrics import ServerMetrics
 from advgrpo.reward_server.models import References, RewardModel, TrainableRewardModel, build_model
+from advgrpo.reward_server.score_watch import ScoreWatch
 from advgrpo.reward_server.state import FINGERPRINT_KEY, VERSION_KEY, StateStore
 
 log = logging.getLogger(__name__)
@@ -146,6 +154,7 @@ class ModelHost:
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         # Image bytes from clients on this host, through /dev/shm (see shared_memory.py).
         self.shared_memory = SharedMemoryReader() if config.server.shared_memory else None
+        self.watch = ScoreWatch([m.name for m in config.models], self.metrics)
         self._hosted: dict[str, _Hosted] = {}
         for cfg in config.models:
             model = models[cfg.name]
@@ -311,6 +320,7 @@ class ModelHost:
             refs = References(g.references) if g.references else None
             items += [(img, g.prompt, refs) for img in g.images]
         per_model = await _gather_or_cancel([self._hosted[name].batcher.submit(items) for name in weights])
+        self._check_finite(groups, weights, per_model)
         results: list[GroupScore] = []
         offset = 0
         for g in groups:
@@ -329,10 +339,26 @@ class ModelHost:
             offset += n
         now = time.time()
         for name, scored in zip(weights, per_model, strict=True):
+            self.watch.request_scored(name, [r.components[name] for r in results])
             self.metrics.images_scored.labels(name).inc(len(items))
             mean = float(np.mean([s for s, _ in scored])) if scored else float("nan")
             self.events.append(Event(now, "score", name, {"images": len(items), "mean": mean}))
         return results
+
+    def _check_finite(self, groups: Sequence[GroupInput], weights: dict[str, float], per_model) -> None:
+        """A NaN or infinite score fails the request, naming the model and the image: it is never
+        turned into a reward (not even with weight 0, which would hide it)."""
+        for name, scored in zip(weights, per_model, strict=True):
+            offset = 0
+            for i, g in enumerate(groups):
+                for j in range(len(g.images)):
+                    value = scored[offset + j][0]
+                    if not math.isfinite(value):
+                        raise ModelFailed(
+                            f"model {name!r} scored groups[{i}].images[{j}] (group_id {g.group_id!r}) {value}: "
+                            "no reward is sent for this request"
+                        )
+                offset += len(g.images)
 
     def _batch_fn(self, name: str, model: RewardModel):
         def run(items: list[tuple[np.ndarray, str, References | None]]) -> list[tuple[float, int]]:
@@ -341,10 +367,17 @@ class ModelHost:
                     scores = model.score_against([img for img, _, _ in items], [r for _, _, r in items])
                 else:
                     scores = model.score([img for img, _, _ in items], [p for _, p, _ in items])
+                scores = [float(s) for s in scores]
+                if len(scores) != len(items):
+                    raise RuntimeError(f"model {name!r} returned {len(scores)} scores for {len(items)} images")
+            except BaseException:
+                self.watch.batch_failed(name)
+                raise
             finally:
                 self._record_stats(name, model)
+            self.watch.batch_scored(name, scores)
             version = model.version
-            return [(float(s), version) for s in scores]
+            return [(s, version) for s in scores]
 
         return run
 

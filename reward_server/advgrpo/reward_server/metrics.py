@@ -60,6 +60,31 @@ class ServerMetrics:
             registry=r,
         )
         self.ready = Gauge("advgrpo_ready", "1 when all models are loaded and serving", registry=r)
+        # Fail closed, and say so (advgrpo.reward_server.score_watch).
+        self.model_failures = Counter(
+            "advgrpo_model_failures", "Model calls that raised (their requests failed)", ["model"], registry=r
+        )
+        self.nonfinite_scores = Counter(
+            "advgrpo_nonfinite_scores",
+            "Images scored NaN or infinite (their requests failed)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.groups_scored = Counter(
+            "advgrpo_groups_scored", "Groups of two or more images scored, by model", ["model"], registry=r
+        )
+        self.zero_variance_groups = Counter(
+            "advgrpo_zero_variance_groups",
+            "Groups whose scores from this model are all equal (GRPO learns nothing from them)",
+            ["model"],
+            registry=r,
+        )
+        self.model_scores_constant = Gauge(
+            "advgrpo_model_scores_constant",
+            "1 when the model gave one value to every image of its recent requests",
+            ["model"],
+            registry=r,
+        )
         self.inflight_decoded_bytes = Gauge(
             "advgrpo_inflight_decoded_bytes",
             "Decoded image bytes held by requests in flight (budget: server.max_inflight_decoded_bytes)",

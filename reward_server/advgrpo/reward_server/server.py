@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -78,7 +79,12 @@ class RewardServer:
         self.http_port = sock.getsockname()[1]
         self._http_state = HttpState()
         app = build_app(self.host, self._http_state)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        tls = {}
+        if settings.tls_cert is not None:  # the same certificate, and client CA, as gRPC
+            tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+            if settings.tls_client_ca is not None:
+                tls.update(ssl_ca_certs=str(settings.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **tls)
         self._uvicorn = _EmbeddedUvicorn(config)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
@@ -113,7 +119,9 @@ class RewardServer:
         s = self.config.server
         info = {"event": "ready", "grpc": address(s.host, self.grpc.port), "grpc_port": self.grpc.port}
         if self.http_port is not None:
-            info.update(http=f"http://{address(s.host, self.http_port)}", http_port=self.http_port)
+            scheme = "https" if s.tls_cert is not None else "http"
+            info.update(http=f"{scheme}://{address(s.host, self.http_port)}", http_port=self.http_port)
+        info["tls"] = s.tls_cert is not None
         info["models"] = [{**m.__dict__, "queue_depth": self.host.queue_depth(m.name)} for m in self.host.list_models()]
         return info
 

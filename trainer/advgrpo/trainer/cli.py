@@ -75,8 +75,14 @@ def train_main(argv: list[str] | None = None) -> int:
                     yaml.safe_dump(dump_train_config(cfg), sys.stdout, sort_keys=False)
                     return 0
                 from advgrpo.trainer.loop import AdvGrpoTrainer  # heavy imports after the config is known to be good
+                from advgrpo.trainer.rewards import RewardsFailed
 
-                AdvGrpoTrainer(cfg, resume=args.resume).run()
+                try:
+                    AdvGrpoTrainer(cfg, resume=args.resume).run()
+                except RewardsFailed as exc:  # the checkpoints so far stand; --resume continues
+                    run.fail(str(exc))
+                    print(f"advgrpo-train: {exc}", file=sys.stderr)
+                    return 3
             except ConfigError as exc:
                 run.fail(str(exc))
                 print(f"advgrpo-train: {exc}", file=sys.stderr)

@@ -91,6 +91,12 @@ class OptimConfig:
 class RewardConfig:
     server: str = "127.0.0.1:50051"
     token: str | None = None
+    # TLS to the reward server (its --tls-cert): tls on, the CA bundle to check it against (else
+    # the system's), and this trainer's certificate and key where the server requires one (mTLS).
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     weights: dict[str, float] = field(default_factory=lambda: {"dino": 1.0})
     timeout_s: float = 300.0  # deadline of one reward call
     # How long a call keeps retrying while the server is UNAVAILABLE (e.g. restarting: drain plus
@@ -362,6 +368,9 @@ def validate(cfg: TrainConfig) -> None:
     """What a config must satisfy to mean anything; checked on load, so ``--print-config`` shows
     only configs that would run. What training needs besides (references, prompts, the process
     count) is checked when training starts: ``validate_for_training``."""
+    r = cfg.reward
+    if (r.tls_cert is None) != (r.tls_key is None):
+        raise ConfigError("reward.tls_cert, reward.tls_key: give both (this trainer's certificate and key) or neither")
     s = cfg.sampling
     if s.group_size < 2:
         raise ConfigError("sampling.group_size: must be at least 2 (advantages compare images of a prompt)")

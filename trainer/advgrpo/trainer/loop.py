@@ -43,7 +43,7 @@ from advgrpo.trainer.references import (
     load_reference_image,
     load_reference_set,
 )
-from advgrpo.trainer.rewards import RewardStream
+from advgrpo.trainer.rewards import RewardStream, score_epoch, zero_variance_share
 from advgrpo.trainer.sampling import Conditioning, Trajectory, sample_with_logprobs, step_log_prob
 from advgrpo.trainer.schedule import DiscriminatorSchedule
 from advgrpo.trainer.sde import check_trainable_steps, kl_to_reference, sde_window, trained_steps
@@ -124,9 +124,17 @@ class AdvGrpoTrainer:
 
     def _setup_rewards(self) -> None:
         r = self.cfg.reward
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(r, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"reward.{key}: {path} is not a readable file")
         self.client = RewardClient(
             r.server,
             token=reward_token(r.token),
+            tls=r.tls,
+            tls_ca=r.tls_ca,
+            tls_cert=r.tls_cert,
+            tls_key=r.tls_key,
             timeout_s=r.timeout_s,
             encoding=r.encoding,
             keep_freed_memory=r.keep_freed_memory,
@@ -393,7 +401,7 @@ class AdvGrpoTrainer:
         t_sample = time.perf_counter() - t0 - (0 if cfg.reward.overlap else stream.wait_s)
         # Rewards, in image order.
         t1 = time.perf_counter()
-        scores = stream.collect()
+        scores = score_epoch(stream, cfg.reward.retry_budget_s, epoch)
         n = len(samples.images)
         rewards = torch.zeros(n)
         components: dict[str, torch.Tensor] = {k: torch.zeros(n) for k in self.score_weights}
@@ -429,6 +437,8 @@ class AdvGrpoTrainer:
             reward_mean=all_rewards.mean().item(),
             reward_std=all_rewards.std(unbiased=False).item(),
             reward_versions=versions,
+            # Groups whose rewards are all equal: no advantage, nothing learnt from them.
+            zero_variance_share=zero_variance_share(all_rewards, all_ids),
         )
         for k, v in components.items():
             gathered = self.accelerator.gather(v.to(self.device)).cpu()

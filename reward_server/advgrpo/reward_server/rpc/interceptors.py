@@ -1,9 +1,8 @@
 """Cross-cutting concerns of every RPC, as grpc.aio server interceptors (outermost first):
-metrics (count, latency, status code), auth (bearer token), errors (RewardError -> status)."""
+metrics (count, latency, status code), auth (bearer tokens with scopes), errors (RewardError -> status)."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Awaitable, Callable
@@ -12,6 +11,7 @@ import grpc
 
 from advgrpo.common.errors import RewardError
 from advgrpo.common.protocol import NO_RETRY_PUSHBACK, RETRY_PUSHBACK_KEY
+from advgrpo.reward_server.auth import TokenTable, allows, needed_scope
 from advgrpo.reward_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -83,34 +83,42 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every RPC but health and reflection."""
+    """Requires ``authorization: Bearer <token>`` on every RPC but health and reflection, with the
+    scope the RPC needs (advgrpo.reward_server.auth): a missing or unknown token is
+    UNAUTHENTICATED, a ``score`` token calling UpdateDiscriminator PERMISSION_DENIED."""
 
-    def __init__(self, token: str):
-        self._expected = f"bearer {token}".encode()
+    def __init__(self, tokens: TokenTable):
+        self._tokens = tokens
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(PUBLIC_SERVICES):
             return await continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(given, bytes):
-            given = given.decode(errors="replace")
-        scheme, _, token = given.partition(" ")
-        if hmac.compare_digest(f"{scheme.lower()} {token}".encode(), self._expected):
+        given = dict(details.invocation_metadata or ()).get("authorization")
+        granted = self._tokens.scope_of_header(given)
+        needed = needed_scope(details.method)
+        if granted is not None and allows(granted, needed):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:
             return None
-        message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
+        if granted is None:
+            code, message = (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token (metadata 'authorization: Bearer <token>')",
+            )
+        else:
+            method = details.method.rsplit("/", 1)[-1]
+            code, message = grpc.StatusCode.PERMISSION_DENIED, f"{method} needs a token with the '{needed}' scope"
 
         def deny_unary(_behaviour):
             async def run(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+                await context.abort(code, message)
 
             return run
 
         def deny_stream(_behaviour):
             async def run(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+                await context.abort(code, message)
                 yield  # pragma: no cover - makes this an async generator
 
             return run

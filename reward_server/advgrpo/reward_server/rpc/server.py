@@ -10,6 +10,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from advgrpo.common.errors import ConfigError
+from advgrpo.reward_server.auth import TokenTable, build_table
+from advgrpo.reward_server.config import ServerSettings, read_pem
 from advgrpo.reward_server.config import address as listen_address
 from advgrpo.reward_server.host import ModelHost
 from advgrpo.reward_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
@@ -17,13 +19,31 @@ from advgrpo.reward_server.rpc.servicer import SERVICE as SERVICE_NAME
 from advgrpo.reward_server.rpc.servicer import RewardServicer
 
 
+def token_table(settings: ServerSettings) -> TokenTable:
+    return build_table(settings.tokens_file, settings.tokens, settings.auth_token)
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key; with --tls-client-ca, client certificates
+    signed by that CA are required (mutual TLS). None: plaintext."""
+    if settings.tls_cert is None:
+        return None
+    client_ca = settings.tls_client_ca
+    return grpc.ssl_server_credentials(
+        [(read_pem(settings.tls_key, "--tls-key"), read_pem(settings.tls_cert, "--tls-cert"))],
+        root_certificates=read_pem(client_ca, "--tls-client-ca") if client_ca is not None else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class GrpcFrontend:
     def __init__(self, host: ModelHost):
         self.host = host
         settings = host.config.server
         interceptors = [MetricsInterceptor(host.metrics)]
-        if settings.auth_token:
-            interceptors.append(AuthInterceptor(settings.auth_token))
+        tokens = token_table(settings)
+        if tokens:
+            interceptors.append(AuthInterceptor(tokens))
         interceptors.append(ErrorInterceptor())
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
@@ -43,7 +63,11 @@ class GrpcFrontend:
         )
         address = listen_address(settings.host, settings.port)
         try:
-            self.port = self.server.add_insecure_port(address)
+            credentials = server_credentials(settings)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise ConfigError(f"--host/--port {address}: cannot listen ({exc})") from None
         if self.port == 0:

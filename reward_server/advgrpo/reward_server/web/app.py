@@ -9,8 +9,10 @@
           dashboard.
 /dashboard (and /) the live page: one self-contained HTML file that polls /v1/stats.
 
-Auth: when the server has a token (--auth-token / $ADVGRPO_AUTH_TOKEN), the gateway routes
-(/v1/models, /v1/score, /v1/update) need ``Authorization: Bearer <token>``, like the RPCs.
+Auth: when the server has tokens (advgrpo.reward_server.auth), the gateway routes need
+``Authorization: Bearer <token>`` with the scope of the RPC they stand for, as on the gRPC side:
+/v1/models and /v1/score a ``score`` token, /v1/update an ``update`` one. A missing or unknown
+token gets 401, a ``score`` token on /v1/update 403.
 Probes (/healthz, /readyz, /metrics) stay open for orchestrators and scrapers, and so do
 /v1/stats and /dashboard: they show model names, versions and training curves, never images,
 prompts or the token, and they cannot change anything.
@@ -18,7 +20,6 @@ prompts or the token, and they cannot change anything.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from starlette.routing import Route
 
 from advgrpo.common.errors import RewardError
 from advgrpo.reward.v1 import reward_pb2
+from advgrpo.reward_server.auth import Scope, allows, build_table
 from advgrpo.reward_server.host import Event, ModelHost
 
 from .. import convert
@@ -60,16 +62,20 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    def authorised(request: Request) -> bool:
-        if not settings.auth_token:
-            return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.auth_token.encode())
+    tokens = build_table(settings.tokens_file, settings.tokens, settings.auth_token)
 
-    def unauthorised() -> JSONResponse:
-        response = error(401, "missing or invalid bearer token (header 'Authorization: Bearer <token>')")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+    def refusal(request: Request, needed: Scope) -> JSONResponse | None:
+        """None when the request may go on; else the 401 or 403 to answer."""
+        if not tokens:
+            return None
+        granted = tokens.scope_of_header(request.headers.get("authorization"))
+        if granted is None:
+            response = error(401, "missing or invalid bearer token (header 'Authorization: Bearer <token>')")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        if not allows(granted, needed):
+            return error(403, f"{request.url.path} needs a token with the '{needed}' scope")
+        return None
 
     body_limit = settings.max_message_bytes * 2  # base64 inflates by 4/3
 
@@ -112,10 +118,10 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
             )
         )
 
-    def gateway(handler, message_type):
+    def gateway(handler, message_type, needed: Scope):
         async def endpoint(request: Request) -> Response:
-            if not authorised(request):
-                return unauthorised()
+            if (refused := refusal(request, needed)) is not None:
+                return refused
             try:
                 message = await parse(request, message_type)
                 response = await handler(host, message)
@@ -142,8 +148,8 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
         return Response(host.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def models(request: Request) -> Response:
-        if not authorised(request):
-            return unauthorised()
+        if (refused := refusal(request, "score")) is not None:
+            return refused
         return to_json(convert.list_models_response(host.list_models()))
 
     async def stats(request: Request) -> Response:
@@ -173,6 +179,7 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
                     "queue_depth": host.queue_depth(m.name),
                     "images_scored": counter("advgrpo_images_scored_total", m.name),
                     "updates": counter("advgrpo_discriminator_updates_total", m.name),
+                    "health": host.watch.snapshot(m.name),
                     "activity": {
                         "window_s": _ACTIVITY_WINDOW_S,
                         "images": images,
@@ -189,7 +196,7 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
             "uptime_s": now - host.started_at,
             "ready": state.ready and not state.draining,
             "status": "draining" if state.draining else ("ready" if state.ready else "starting"),
-            "auth_required": bool(settings.auth_token),
+            "auth_required": bool(tokens),
             "models": models_out,
             "updates": updates,
             "events": [_event_dict(e) for e in events[-_RECENT_EVENTS:]],
@@ -214,8 +221,8 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/v1/models", models),
-        Route("/v1/score", gateway(score, reward_pb2.ScoreRequest), methods=["POST"]),
-        Route("/v1/update", gateway(update, reward_pb2.UpdateDiscriminatorRequest), methods=["POST"]),
+        Route("/v1/score", gateway(score, reward_pb2.ScoreRequest, "score"), methods=["POST"]),
+        Route("/v1/update", gateway(update, reward_pb2.UpdateDiscriminatorRequest, "update"), methods=["POST"]),
         Route("/v1/stats", stats),
         Route("/dashboard", dashboard),
         Route("/", dashboard),
