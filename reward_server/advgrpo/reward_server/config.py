@@ -154,6 +154,9 @@ class ServerSettings:
     max_inflight_decoded_bytes: int = 4 << 30
     max_images_per_request: int = 1024
     max_stream_inflight: int = 8  # ScoreStream requests scored concurrently per stream
+    # RewardService RPCs in progress at once (an open stream counts); one more gets
+    # RESOURCE_EXHAUSTED with a retry hint. Health and reflection are not counted.
+    max_concurrent_rpcs: int = 256
     max_update_steps: int = 1000  # optimizer steps one UpdateDiscriminator may ask for
     # Bearer tokens (advgrpo.reward_server.auth): auth_token is one token with the "update" scope
     # (--auth-token, $ADVGRPO_AUTH_TOKEN); tokens_file holds "TOKEN SCOPE" lines (--tokens-file);
@@ -382,6 +385,8 @@ def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
             f"server.max_inflight_decoded_bytes: must be >= server.max_request_decoded_bytes "
             f"({server.max_request_decoded_bytes}), got {server.max_inflight_decoded_bytes}"
         )
+    if server.max_concurrent_rpcs < 1:
+        raise ConfigError(f"server.max_concurrent_rpcs: must be >= 1, got {server.max_concurrent_rpcs}")
     if not server.max_aspect_ratio >= 1:  # also refuses NaN
         raise ConfigError(f"server.max_aspect_ratio: must be >= 1, got {server.max_aspect_ratio}")
     if server.log_level.upper() not in LOG_LEVELS:

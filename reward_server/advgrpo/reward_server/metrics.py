@@ -60,6 +60,9 @@ class ServerMetrics:
             registry=r,
         )
         self.ready = Gauge("advgrpo_ready", "1 when all models are loaded and serving", registry=r)
+        self.concurrent_rpcs = Gauge(
+            "advgrpo_concurrent_rpcs", "RewardService RPCs in progress (limit: server.max_concurrent_rpcs)", registry=r
+        )
         # Fail closed, and say so (advgrpo.reward_server.score_watch).
         self.model_failures = Counter(
             "advgrpo_model_failures", "Model calls that raised (their requests failed)", ["model"], registry=r

@@ -126,6 +126,63 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, deny_unary, deny_stream)
 
 
+class ConcurrencyInterceptor(grpc.aio.ServerInterceptor):
+    """At most ``limit`` RPCs of RewardService in progress (a stream counts while it is open); one
+    more is RESOURCE_EXHAUSTED at once, with a retry hint (gRFC A6 pushback), rather than queued
+    without bound. Health and reflection are not counted: probes must answer under load."""
+
+    RETRY_AFTER_MS = 100
+
+    def __init__(self, limit: int, metrics: ServerMetrics):
+        self.limit = limit
+        self.active = 0
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(PUBLIC_SERVICES):
+            return handler
+        interceptor = self
+        message = f"server.max_concurrent_rpcs: {self.limit} RPCs already in progress; retry shortly"
+        trailer = ((RETRY_PUSHBACK_KEY, str(self.RETRY_AFTER_MS)),)
+
+        def enter() -> bool:
+            if interceptor.active >= interceptor.limit:
+                return False
+            interceptor.active += 1  # one event loop: no lock needed
+            interceptor._metrics.concurrent_rpcs.set(interceptor.active)
+            return True
+
+        def leave() -> None:
+            interceptor.active -= 1
+            interceptor._metrics.concurrent_rpcs.set(interceptor.active)
+
+        def wrap_unary(behaviour):
+            async def run(request, context):
+                if not enter():
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailing_metadata=trailer)
+                try:
+                    return await behaviour(request, context)
+                finally:
+                    leave()
+
+            return run
+
+        def wrap_stream(behaviour):
+            async def run(request, context):
+                if not enter():
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailing_metadata=trailer)
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                finally:
+                    leave()
+
+            return run
+
+        return _wrap(handler, wrap_unary, wrap_stream)
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics

@@ -14,7 +14,12 @@ from advgrpo.reward_server.auth import TokenTable, build_table
 from advgrpo.reward_server.config import ServerSettings, read_pem
 from advgrpo.reward_server.config import address as listen_address
 from advgrpo.reward_server.host import ModelHost
-from advgrpo.reward_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from advgrpo.reward_server.rpc.interceptors import (
+    AuthInterceptor,
+    ConcurrencyInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+)
 from advgrpo.reward_server.rpc.servicer import SERVICE as SERVICE_NAME
 from advgrpo.reward_server.rpc.servicer import RewardServicer
 
@@ -40,7 +45,10 @@ class GrpcFrontend:
     def __init__(self, host: ModelHost):
         self.host = host
         settings = host.config.server
-        interceptors = [MetricsInterceptor(host.metrics)]
+        interceptors = [
+            MetricsInterceptor(host.metrics),
+            ConcurrencyInterceptor(settings.max_concurrent_rpcs, host.metrics),
+        ]
         tokens = token_table(settings)
         if tokens:
             interceptors.append(AuthInterceptor(tokens))
