@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 
-.PHONY: all venv proto demo test test-fast test-latest lock sysdeps bench clean
+.PHONY: all venv proto demo test test-fast test-latest lock sysdeps bench reliability clean
 
 all: venv proto
 
@@ -63,6 +63,11 @@ test-latest: sysdeps
 	$(LATEST)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Reward server, feature cache and trainer on this machine; the kernel benchmark needs a CUDA GPU.
+# Issue 15's long runs (load 32 clients x 60 s, 20 SIGKILLs, 2000 fuzz inputs; ~8 min on 2 cores):
+# bench/results/reliability.json and docs/RELIABILITY.md. make test runs the short versions.
+reliability: venv proto
+	$(PY) -m bench.reliability
+
 bench: venv proto
 	$(PY) -m bench.run_all
 	$(PY) -m bench.feature_cache
