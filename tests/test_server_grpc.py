@@ -205,12 +205,17 @@ def test_bad_inputs_get_clear_statuses_and_the_server_keeps_serving(stub, client
     bad_jpeg = reward_pb2.Image(encoding=reward_pb2.ENCODING_JPEG, data=b"\xff\xd8\xff garbage")
     expect_status(stub.Score, score_request(raw(2, 2), bad_jpeg), IA, "groups[0].images[1]", "JPEG")
     expect_status(stub.Score, score_request(raw(0, 5, b"")), IA, "groups[0].images[0]", "0x5")
-    expect_status(stub.Score, score_request(raw(5000, 1, b"")), IA, "exceeds the maximum side")
+    # Over a size limit: RESOURCE_EXHAUSTED, marked never to be retried (gRFC A6 pushback -1).
+    RE = grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Score(score_request(raw(5000, 1, b"")), timeout=30)
+    assert info.value.code() == RE and "exceeds the maximum side" in info.value.details()
+    assert dict(info.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
     # A PNG whose header claims a huge size is refused before its pixels are decoded.
     buf = io.BytesIO()
     PILImage.new("RGB", (4100, 1)).save(buf, format="PNG")
     big_png = reward_pb2.Image(encoding=reward_pb2.ENCODING_PNG, data=buf.getvalue())
-    expect_status(stub.Score, score_request(big_png), IA, "4100")
+    expect_status(stub.Score, score_request(big_png), RE, "4100")
     unspecified = reward_pb2.Image(height=1, width=1, data=b"abc")
     expect_status(stub.Score, score_request(unspecified), IA, "encoding")
     expect_status(stub.Score, score_request(), IA, "empty group")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
-from advgrpo.common.errors import InvalidArgument
+from advgrpo.common.errors import InvalidArgument, ResourceExhausted
 from advgrpo.common.shared_memory import SharedMemoryReader, open_shared, read_shared
 from advgrpo.reward.v1 import reward_pb2
 
@@ -95,7 +95,7 @@ def decode_image(
                 )
             pil.load()
             arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
-        except InvalidArgument:
+        except (InvalidArgument, ResourceExhausted):
             raise
         except Exception as exc:  # PIL raises many types for corrupt data
             raise InvalidArgument(f"{where}: cannot decode {name} data ({exc})") from None
@@ -122,7 +122,7 @@ def _header_size(fp, msg, where: str, name: str, max_side: int, max_aspect_ratio
     try:
         pil = PILImage.open(fp, formats=[name])  # reads the header only
         return _checked_size(pil, msg, where, name, max_side, max_aspect_ratio)
-    except InvalidArgument:
+    except (InvalidArgument, ResourceExhausted):
         raise
     except Exception as exc:  # PIL raises many types for corrupt data
         raise InvalidArgument(f"{where}: cannot decode {name} data ({exc})") from None
@@ -159,8 +159,10 @@ def _image_bytes(msg: reward_pb2.Image, where: str, shm: SharedMemoryReader | No
 def _check_dims(h: int, w: int, where: str, max_side: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
     if h == 0 or w == 0:
         raise InvalidArgument(f"{where}: height and width must be positive, got {h}x{w}")
-    if h > max_side or w > max_side:
-        raise InvalidArgument(f"{where}: {h}x{w} exceeds the maximum side of {max_side} pixels (server.max_image_side)")
+    if h > max_side or w > max_side:  # a limit, like the others: RESOURCE_EXHAUSTED, never to be retried
+        raise ResourceExhausted(
+            f"{where}: {h}x{w} exceeds the maximum side of {max_side} pixels (server.max_image_side)"
+        )
     if max(h, w) > max_aspect_ratio * min(h, w):
         raise InvalidArgument(
             f"{where}: {h}x{w} has an aspect ratio (long side / short side) of {max(h, w) / min(h, w):g}, "
