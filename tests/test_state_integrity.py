@@ -3,6 +3,8 @@ refuses to start, naming the file and the intact previous state beside it. It ne
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -100,3 +102,23 @@ def test_the_server_refuses_a_corrupted_state_and_starts_from_the_previous_one_w
     with ServerProcess(args, http=False) as server, RewardClient(server.target, timeout_s=120) as client:
         assert {m.name: m.version for m in client.list_models()}["dino"] == 1
         assert client.score(probe)[0].rewards == at_v1
+
+
+@pytest.mark.slow
+def test_an_update_made_durable_but_unanswered_is_replayed_after_a_restart(tmp_path):
+    """The case a SIGKILL between the state write and the answer leaves: the client never saw the
+    answer and sends the update again, with its id, to the restarted server. It is replayed (same
+    version, same result), not applied twice."""
+    state_dir = tmp_path / "state"
+    rng = np.random.default_rng(1)
+    refs, gens = [Group("r", [smooth_image(rng) for _ in range(4)])], [Group("g", [noise_image(rng) for _ in range(4)])]
+    args = ["--preset", "tiny", "--state-dir", str(state_dir)]
+    with ServerProcess(args, http=False) as server, RewardClient(server.target, timeout_s=120) as client:
+        first = client.update_discriminator("dino", refs, gens, steps=2, update_id="epoch-7")
+        os.kill(server.pid, signal.SIGKILL)  # as if it died before its answer left
+        server.proc.wait(30)
+    with ServerProcess(args, http=False) as server, RewardClient(server.target, timeout_s=120) as client:
+        again = client.update_discriminator("dino", refs, gens, steps=2, update_id="epoch-7")
+        assert again.replayed and again.version == first.version == 1
+        assert (again.loss, again.accuracy) == (first.loss, first.accuracy)
+        assert {m.name: m.version for m in client.list_models()}["dino"] == 1
