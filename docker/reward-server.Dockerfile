@@ -36,5 +36,8 @@ EXPOSE 50051 8080
 # /readyz: models loaded and warmed up, not draining (503 otherwise).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8080/readyz || exit 1
+# Listening on every interface needs tokens (ADVGRPO_AUTH_TOKEN, ADVGRPO_TOKENS or --tokens-file):
+# without, the server refuses to start unless --insecure is added to the command (docker-compose.yml
+# does, for a stack published on the host's loopback only).
 ENTRYPOINT ["advgrpo-reward-server", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8080", "--state-dir", "/state"]
 CMD ["--preset", "toy"]

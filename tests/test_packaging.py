@@ -4,6 +4,7 @@ the files are validated, and the server command they run is run locally)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,14 +37,14 @@ def test_reward_server_dockerfile_copies_existing_paths_and_runs_a_valid_command
     entry = json.loads(next(rest for op, rest in instructions if op == "ENTRYPOINT"))
     cmd = json.loads(next(rest for op, rest in instructions if op == "CMD"))
     assert entry[0] == "advgrpo-reward-server"
-    # The exact arguments the container runs, parsed by our CLI.
-    out = subprocess.run(
-        [sys.executable, "-m", "advgrpo.reward_server", *entry[1:], *cmd, "--print-config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    # The exact arguments the container runs, parsed by our CLI. It listens on 0.0.0.0: with no
+    # token it refuses to start (the compose stack passes --insecure, its ports loopback-published).
+    argv = [sys.executable, "-m", "advgrpo.reward_server", *entry[1:], *cmd, "--print-config"]
+    env = {k: v for k, v in os.environ.items() if k not in ("ADVGRPO_AUTH_TOKEN", "ADVGRPO_TOKENS")}
+    refused = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert refused.returncode == 2 and "--insecure" in refused.stderr, refused.stderr
+    env["ADVGRPO_AUTH_TOKEN"] = "a-token-for-the-test"
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
     assert config["server"]["port"] == 50051 and config["server"]["http_port"] == 8080
