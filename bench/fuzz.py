@@ -21,7 +21,8 @@ input can be rebuilt alone (``make_case``).
 What must hold, whatever the input: every call ends with a status within its deadline (a timeout
 is a failure); the status is OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, NOT_FOUND or
 FAILED_PRECONDITION (and the one an input is sure to get where there is one: a declared side past
-server.max_image_side is INVALID_ARGUMENT, a request past the budget RESOURCE_EXHAUSTED);
+server.max_image_side is refused, INVALID_ARGUMENT or RESOURCE_EXHAUSTED depending on which check
+meets it first, a request past the budget RESOURCE_EXHAUSTED);
 INTERNAL or UNKNOWN is a server bug, recorded with the input and the server's log lines it caused.
 Afterwards the server process is alive, its health SERVING, a fixed well-formed request scores
 exactly as it did before the first input, and no model's version moved (the tiny phase's updates

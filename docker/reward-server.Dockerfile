@@ -33,7 +33,8 @@ RUN uv pip install --system -c requirements/lock.txt --build-constraint requirem
 USER reward
 VOLUME ["/state"]
 EXPOSE 50051 8080
-# /readyz: models loaded and warmed up, not draining (503 otherwise).
+# /readyz: models loaded and warmed up, not draining (503 otherwise). Plain HTTP: a server run
+# with --tls-cert needs this overridden (e.g. curl -fsS --cacert CA https://localhost:8080/readyz).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8080/readyz || exit 1
 # Listening on every interface needs tokens (ADVGRPO_AUTH_TOKEN, ADVGRPO_TOKENS or --tokens-file):

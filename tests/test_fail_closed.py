@@ -223,7 +223,8 @@ class _Switch(BrittleJudge):
 
 
 @pytest.mark.slow
-def test_the_trainer_never_trains_on_failed_rewards_retries_then_stops(judge_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False], ids=["stream", "unary"])
+def test_the_trainer_never_trains_on_failed_rewards_retries_then_stops(judge_server, tmp_path, overlap):
     import torch
 
     from advgrpo.trainer.config import load_train_config
@@ -238,7 +239,7 @@ def test_the_trainer_never_trains_on_failed_rewards_retries_then_stops(judge_ser
     cfg = load_train_config(
         "tiny",
         sets=["adversarial.discriminator=", f"data.prompts={prompts}", "reward.retry_budget_s=3", "run.tensorboard=false",
-              "reward.shared_memory=false"],
+              "reward.shared_memory=false", f"reward.overlap={str(overlap).lower()}"],
         overrides={"reward": {"server": target, "weights": {"judge": 1.0}}, "run": {"output_dir": str(tmp_path / "run")}},
     )  # fmt: skip
     with AdvGrpoTrainer(cfg) as trainer:
@@ -257,3 +258,36 @@ def test_the_trainer_never_trains_on_failed_rewards_retries_then_stops(judge_ser
         assert "reward.retry_budget_s=3" in str(info.value) and "model 'judge' scored" in str(info.value)
         assert trainer.state.global_step == 1
         assert all(torch.equal(a, b) for a, b in zip(before, trainer.lora_params, strict=True))
+
+
+def test_a_weighted_reward_that_overflows_is_an_error_not_infinity(judge_server):
+    target, _ = judge_server
+    bright = np.full((8, 8, 3), 230, np.uint8)
+    with RewardClient(target, timeout_s=30) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.score([Group("p", [varied(0), bright], "g")], {"judge": 3e38, "const": 3e38})
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "the weighted reward of groups[0].images[1] (group_id 'g') is inf" in info.value.details()
+
+
+@pytest.mark.slow
+def test_an_update_that_breaks_the_discriminator_is_rolled_back_not_acknowledged(start_server, tmp_path):
+    """A learning rate that blows the head up: the update is refused (INTERNAL, naming the model),
+    rolled back and never saved; the version and the scores stay as they were."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "models:\n  dino: {params: {lr: 1.0e+38}}\n  pickscore: null\n  ocr: null\n  dino_similarity: null\n"
+    )
+    state = tmp_path / "state"
+    server = start_server("--preset", "tiny", "--config", str(cfg), "--state-dir", str(state), "--no-http")
+    refs, gens = [Group("r", [varied(i) for i in range(4)])], [Group("g", [solid(i * 40 + 10) for i in range(4)])]
+    probe = [Group("p", [varied(7), varied(8)])]
+    with RewardClient(server.target, timeout_s=60) as client:
+        before = client.score(probe)[0].rewards
+        with pytest.raises(grpc.RpcError) as info:
+            client.update_discriminator("dino", refs, gens, steps=3)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "model 'dino'" in info.value.details() and "rolled back, not applied" in info.value.details()
+        assert {m.name: m.version for m in client.list_models()}["dino"] == 0
+        assert client.score(probe)[0].rewards == before
+    assert not (state / "dino.safetensors").exists()

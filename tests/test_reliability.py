@@ -24,13 +24,19 @@ def test_the_short_reliability_runs_hold(tmp_path):
     r = json.loads(out.read_text())
     load, kill = r["load"], r["kill"]
     # Load: only OK or transient refusals, memory flat, every acknowledged update counted.
-    assert load["unexpected_count"] == 0 and load["server_alive"]
+    assert load["unexpected_count"] == 0 and load["server_alive"] and load["clients_idle_in_last_10s"] == 0
     assert sum(load["statuses"]["UpdateDiscriminator"].values()) > 0 and load["latency"]["ScoreStream"]["n"] > 0
     assert load["rss_growth"] < 0.10
     assert load["final_version"] == load["initial_version"] + load["acknowledged_updates"] > 0
     # Kills: after each restart, the acknowledged version, weights and scores.
     assert kill["restarts_checked"] == kill["kills"] == 3
-    assert kill["all_versions_match"] and kill["all_weights_byte_identical"] and kill["all_scores_identical"]
+    assert (
+        kill["ok"]
+        and kill["all_versions_match"]
+        and kill["all_weights_byte_identical"]
+        and kill["all_scores_identical"]
+    )
+    assert kill["checks"]["version_ok"] == "3/3"
     assert kill["final_version"] == kill["acknowledged_updates"] > 0
     # Fuzz: every input answered with a deliberate status, the server alive, scores unchanged.
     fz = r["fuzz"]

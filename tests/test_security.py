@@ -189,6 +189,16 @@ def test_the_cli_refuses_an_open_public_address_and_says_which_flag_allows_it(no
     assert "s3cret" not in allowed.stdout and "<redacted>" in allowed.stdout  # secrets never printed
 
 
+def test_the_trainer_never_prints_its_token():
+    out = subprocess.run(
+        [sys.executable, "-m", "advgrpo.trainer.train", "--preset", "tiny", "--set", "reward.token=sekrit-0123456789",
+         "--print-config"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "sekrit-0123456789" not in out.stdout and "token: <redacted>" in out.stdout
+
+
 # ---------------------------------------------------------------- TLS
 
 

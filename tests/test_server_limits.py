@@ -98,3 +98,32 @@ def test_the_model_never_runs_for_an_expired_or_cancelled_call(slow_server):
         future.result(timeout=30)
         time.sleep(0.6)  # long enough for a call the model might still have made
         assert model_calls(slow_server.http) - before == 2  # the first call and `future`, nothing else
+
+
+def concurrent_rpcs(http: str) -> float:
+    text = httpx.get(f"{http}/metrics", timeout=10).text
+    return float(re.search(r"^advgrpo_concurrent_rpcs (\S+)$", text, re.M).group(1))
+
+
+def test_every_way_an_rpc_ends_gives_its_slot_back(slow_server):
+    """Answered, failed, expired, and streams cancelled mid-way or while waiting: the count of RPCs
+    in progress is back to 0 after each, so the limit never fills with calls long gone."""
+    with grpc.insecure_channel(slow_server.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        stub.Score(request(), timeout=30)
+        with pytest.raises(grpc.RpcError):
+            stub.Score(reward_pb2.ScoreRequest(), timeout=30)  # INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError):
+            stub.Score(request(), timeout=0.05)  # DEADLINE_EXCEEDED
+        stream = stub.ScoreStream(iter([request(), request(), request()]), timeout=30)
+        next(stream)
+        stream.cancel()  # mid-stream, with messages still to answer
+        waiting = stub.ScoreStream(iter([request()] * 3), timeout=30)
+        time.sleep(0.1)
+        waiting.cancel()
+        deadline = time.monotonic() + 10
+        while concurrent_rpcs(slow_server.http) != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert concurrent_rpcs(slow_server.http) == 0
+        futures = [stub.Score.future(request()) for _ in range(2)]  # both slots usable again
+        assert all(f.result(timeout=30).groups[0].rewards == [0.0] for f in futures)

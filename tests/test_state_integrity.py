@@ -42,7 +42,7 @@ def test_a_saved_state_loads_back_exactly_with_its_checksum(tmp_path):
     assert loaded_meta["version"] == "1" and len(loaded_meta[CHECKSUM_KEY]) == 64
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "edited version", "no checksum"])
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "edited version"])
 def test_a_damaged_state_file_is_refused_and_the_previous_one_is_named(tmp_path, damage):
     store = StateStore(tmp_path)
     store.save("dino", *state(1))
@@ -52,20 +52,28 @@ def test_a_damaged_state_file_is_refused_and_the_previous_one_is_named(tmp_path,
         flip_last_data_byte(path)
     elif damage == "truncated":
         path.write_bytes(path.read_bytes()[:-7])
-    elif damage == "edited version":  # the header's JSON, same length: only the checksum can tell
+    else:  # the header's JSON, same length: only the checksum can tell
         path.write_bytes(path.read_bytes().replace(b'"version":"2"', b'"version":"3"'))
-    else:
-        from safetensors.torch import save_file
-
-        save_file(state(2)[0], path, metadata=state(2)[1])
     with pytest.raises(ConfigError) as info:
         store.load("dino")
     message = str(info.value)
     assert str(path) in message and "will not serve it" in message
     assert f"version 1, is intact in {previous}" in message, message
     expected = {"flipped byte": "does not match its checksum", "truncated": "unreadable state file",
-                "edited version": "does not match its checksum", "no checksum": "without a checksum"}  # fmt: skip
+                "edited version": "does not match its checksum"}  # fmt: skip
     assert expected[damage] in message
+
+
+def test_a_state_file_from_before_checksums_loads_with_a_warning_and_gains_one(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    store = StateStore(tmp_path)
+    save_file(state(1)[0], store.path("dino"), metadata=state(1)[1])  # an earlier release's file
+    tensors, meta = store.load("dino")
+    assert meta["version"] == "1" and CHECKSUM_KEY not in meta
+    assert "without a checksum (written by an earlier release)" in caplog.text
+    store.save("dino", tensors, {**meta, "version": "2"})
+    assert len(store.load("dino")[1][CHECKSUM_KEY]) == 64
 
 
 def test_the_previous_state_is_a_hard_link_of_what_was_replaced(tmp_path):

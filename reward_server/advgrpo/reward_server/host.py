@@ -335,7 +335,15 @@ class ModelHost:
                 # scored by one version; max() guards the report should that ever change.
                 versions[name] = max(v for _, v in chunk)
                 rewards += weights[name] * np.asarray(values, dtype=np.float64)
-            results.append(GroupScore(g.group_id, rewards.astype(np.float32).tolist(), components, versions))
+            with np.errstate(over="ignore"):  # an overflow is caught just below
+                combined = rewards.astype(np.float32)
+            if not np.isfinite(combined).all():  # finite scores times large weights can overflow float32
+                j = int(np.flatnonzero(~np.isfinite(combined))[0])
+                raise ModelFailed(
+                    f"the weighted reward of groups[{len(results)}].images[{j}] (group_id {g.group_id!r}) is "
+                    f"{combined[j]} (weights {weights}): no reward is sent for this request"
+                )
+            results.append(GroupScore(g.group_id, combined.tolist(), components, versions))
             offset += n
         now = time.time()
         for name, scored in zip(weights, per_model, strict=True):
@@ -446,8 +454,9 @@ class ModelHost:
                 outcome = UpdateResult(
                     model_name, version, result.loss, result.reference_score, result.generated_score, result.accuracy
                 )
+                tensors, meta = model.export_state()
+                _check_update_finite(model_name, outcome, tensors)  # else rolled back below, never saved
                 if self.store is not None:
-                    tensors, meta = model.export_state()
                     meta = {
                         **meta,
                         VERSION_KEY: str(version),
@@ -459,8 +468,10 @@ class ModelHost:
                         ),
                     }
                     self.store.save(model_name, tensors, meta)  # durable before acknowledged
-            except BaseException:
+            except BaseException as exc:
                 model.import_state(*snapshot)  # roll back: the version did not change
+                if isinstance(exc, ModelFailed):
+                    self.watch.batch_failed(model_name)
                 raise
             finally:
                 self._record_stats(model_name, model)
@@ -495,6 +506,20 @@ class ModelHost:
             h.executor.shutdown(wait=True)
             h.model.close()
         self._decode_pool.shutdown(wait=False)
+
+
+def _check_update_finite(model_name: str, outcome: UpdateResult, tensors: dict) -> None:
+    """An update whose loss, reported means or new weights are not finite is refused (and rolled
+    back by the caller): acknowledged and saved, it would break every later score for good."""
+    for name in ("loss", "reference_score", "generated_score", "accuracy"):
+        value = getattr(outcome, name)
+        if not math.isfinite(value):
+            raise ModelFailed(f"model {model_name!r}: the update gave {name} = {value}; rolled back, not applied")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ModelFailed(
+                f"model {model_name!r}: the update left non-finite values in {key}; rolled back, not applied"
+            )
 
 
 async def _gather_or_cancel(coros):

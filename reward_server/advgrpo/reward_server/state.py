@@ -6,7 +6,8 @@ torn file. Optimizer state is flattened to tensors + JSON metadata: no pickle an
 
 Every file carries a SHA-256 of its tensors (names, dtypes, shapes, bytes) and of its other
 metadata (``CHECKSUM_KEY``). A file that does not parse, or whose contents do not match its
-checksum (a bad disk, a truncated copy, an edit), is never loaded: the server refuses to start
+checksum (a bad disk, a truncated copy, an edit), is never loaded (a file written before checksums
+existed is loaded with a warning, and rewritten with one at the next update): the server refuses to start
 and names it. The state it replaced stays beside it as ``<model>.prev.safetensors`` (a hard
 link made before each replacement), so an operator can go back one update knowingly.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +31,8 @@ from advgrpo.reward_server.config import MODEL_NAME
 VERSION_KEY = "version"
 FINGERPRINT_KEY = "fingerprint"
 CHECKSUM_KEY = "sha256"
+
+log = logging.getLogger(__name__)
 
 
 def state_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -124,7 +128,10 @@ class StateStore:
             raise ConfigError(f"{path}: unreadable state file ({exc})") from None
         expected = metadata.get(CHECKSUM_KEY)
         if expected is None:
-            raise ConfigError(f"{path}: state file without a checksum ({CHECKSUM_KEY} in its metadata)")
+            # Written before checksums (the format is otherwise the same): loaded as it stands, as
+            # a state dir kept across the upgrade expects; the next update writes it with one.
+            log.warning("%s: state file without a checksum (written by an earlier release); loaded unverified", path)
+            return tensors, metadata
         if state_checksum(tensors, metadata) != expected:
             raise ConfigError(f"{path}: state file does not match its checksum (corrupted)")
         return tensors, metadata

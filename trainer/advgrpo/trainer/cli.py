@@ -12,7 +12,14 @@ import yaml
 
 from advgrpo.common.errors import ConfigError
 from advgrpo.trainer import healthcheck
-from advgrpo.trainer.config import PRESET_ALIASES, PRESETS, dump_train_config, load_train_config, preset_names
+from advgrpo.trainer.config import (
+    PRESET_ALIASES,
+    PRESETS,
+    dump_train_config,
+    load_train_config,
+    preset_names,
+    without_secrets,
+)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -72,7 +79,7 @@ def train_main(argv: list[str] | None = None) -> int:
             try:
                 cfg = load_train_config(args.preset, args.config, args.sets, overrides)
                 if args.print_config:
-                    yaml.safe_dump(dump_train_config(cfg), sys.stdout, sort_keys=False)
+                    yaml.safe_dump(without_secrets(dump_train_config(cfg)), sys.stdout, sort_keys=False)
                     return 0
                 from advgrpo.trainer.loop import AdvGrpoTrainer  # heavy imports after the config is known to be good
                 from advgrpo.trainer.rewards import RewardsFailed

@@ -97,6 +97,7 @@ class RewardConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_server_name: str | None = None  # the name to check the server's certificate against
     weights: dict[str, float] = field(default_factory=lambda: {"dino": 1.0})
     timeout_s: float = 300.0  # deadline of one reward call
     # How long a call keeps retrying while the server is UNAVAILABLE (e.g. restarting: drain plus
@@ -495,3 +496,12 @@ def validate_for_training(cfg: TrainConfig, world_size: int = 1) -> None:
 
 def dump_train_config(cfg: TrainConfig) -> dict[str, Any]:
     return to_mapping(cfg)
+
+
+def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as a checkpoint records it and ``--print-config`` shows it: the reward server's
+    token left out."""
+    reward = dict(config.get("reward", {}))
+    if reward.get("token"):
+        reward["token"] = "<redacted>"
+    return {**config, "reward": reward}

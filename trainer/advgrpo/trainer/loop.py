@@ -32,7 +32,13 @@ from advgrpo.client import Group, RetryPolicy, RewardClient
 from advgrpo.common.errors import ConfigError
 from advgrpo.trainer import healthcheck
 from advgrpo.trainer.checkpoint import TrainerState, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
-from advgrpo.trainer.config import TrainConfig, backward_passes_per_step, dump_train_config, validate_for_training
+from advgrpo.trainer.config import (
+    TrainConfig,
+    backward_passes_per_step,
+    dump_train_config,
+    validate_for_training,
+    without_secrets,
+)
 from advgrpo.trainer.ema import EMA
 from advgrpo.trainer.grpo import group_advantages, grpo_loss
 from advgrpo.trainer.logs import JsonlWriter, MetricsWriter, save_grid
@@ -135,6 +141,7 @@ class AdvGrpoTrainer:
             tls_ca=r.tls_ca,
             tls_cert=r.tls_cert,
             tls_key=r.tls_key,
+            tls_server_name=r.tls_server_name,
             timeout_s=r.timeout_s,
             encoding=r.encoding,
             keep_freed_memory=r.keep_freed_memory,
@@ -841,14 +848,6 @@ def reward_token(configured: str | None) -> str | None:
     """``reward.token``, else ``$ADVGRPO_AUTH_TOKEN`` (the variable the reward server reads). Read
     when the client is made and never written back into the config, so no checkpoint holds it."""
     return configured or os.environ.get(TOKEN_ENV) or None
-
-
-def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
-    """The config as a checkpoint records it: the reward server's token left out."""
-    reward = dict(config.get("reward", {}))
-    if reward.get("token"):
-        reward["token"] = "<redacted>"
-    return {**config, "reward": reward}
 
 
 @torch.no_grad()

@@ -56,9 +56,12 @@ class RewardStream:
         self.groups.append(group)  # kept: a failed epoch is scored again from them
         if self.overlap:
             self._queue.put(group)
-        else:
+        elif self._error is None:  # after a failure the epoch is scored again whole (score_epoch)
             t0 = time.perf_counter()
-            self._results.extend(self.client.score([group], self.weights))
+            try:
+                self._results.extend(self.client.score([group], self.weights))
+            except (grpc.RpcError, RuntimeError) as exc:  # raised by collect(), like the stream's
+                self._error = exc
             self.wait_s += time.perf_counter() - t0
 
     def collect(self) -> list[GroupScore]:

@@ -45,13 +45,11 @@ class GrpcFrontend:
     def __init__(self, host: ModelHost):
         self.host = host
         settings = host.config.server
-        interceptors = [
-            MetricsInterceptor(host.metrics),
-            ConcurrencyInterceptor(settings.max_concurrent_rpcs, host.metrics),
-        ]
+        interceptors = [MetricsInterceptor(host.metrics)]
         tokens = token_table(settings)
-        if tokens:
+        if tokens:  # before the limit: a call without a valid token never takes a slot
             interceptors.append(AuthInterceptor(tokens))
+        interceptors.append(ConcurrencyInterceptor(settings.max_concurrent_rpcs, host.metrics))
         interceptors.append(ErrorInterceptor())
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
