@@ -198,6 +198,19 @@ class ServerConfig:
 # ---------------------------------------------------------------------------------------------
 # Presets are plain mappings, so a YAML file merges over them key by key.
 
+
+def _toy_dino(num_patches: int, lr: float) -> dict[str, Any]:
+    """The DINO discriminator on the shipped toy DINOv2 (32 px, 64 patch tokens)."""
+    params = {"backbone": TOY, "image_size": 32, "head_hidden": 64, "num_patches": num_patches, "lr": lr}
+    caches = {"feature_cache_bytes": 64 << 20, "recent_feature_cache_bytes": 64 << 20}  # 16.6 KB/image: ~4k
+    return {"kind": "dino", "weight": 1.0, "params": {**params, **caches}}
+
+
+_TOY_DINO_SIMILARITY = {
+    "kind": "dino_similarity",
+    "params": {"backbone": TOY, "image_size": 32, "reference_cache_bytes": 16 << 20},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Every kind of reward, small and with no downloads: the discriminator and the similarity
     # metric on the shipped toy DINOv2 (trained on the toy domain), PickScore on a tiny CLIP
@@ -205,29 +218,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "server": {"port": 50051, "http_port": 8080},
         "models": {
-            "dino": {
-                "kind": "dino",
-                "weight": 1.0,
-                "params": {
-                    "backbone": TOY,
-                    "image_size": 32,
-                    "head_hidden": 64,
-                    "num_patches": 8,
-                    "lr": 3e-2,
-                    "feature_cache_bytes": 64 << 20,  # 16.6 KB per image: ~4k references
-                    "recent_feature_cache_bytes": 64 << 20,
-                },
-            },
+            "dino": _toy_dino(num_patches=8, lr=3e-2),
             "pickscore": {
                 "kind": "pickscore",
                 "params": {"model": TINY, "processor": TINY, "lr": 1e-3},
             },
             "ocr": {"kind": "ocr", "batching": {"max_batch_size": 8}},
             # The evaluation metric (weight 0: asked for by name, with references in the groups).
-            "dino_similarity": {
-                "kind": "dino_similarity",
-                "params": {"backbone": TOY, "image_size": 32, "reference_cache_bytes": 16 << 20},
-            },
+            "dino_similarity": _TOY_DINO_SIMILARITY,
         },
     },
     # The toy world (docs/EXPERIMENTS.md): the discriminator and the similarity metric on the
@@ -235,26 +233,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toy": {
         "server": {"port": 50051, "http_port": 8080},
         "models": {
-            "dino": {
-                "kind": "dino",
-                "weight": 1.0,
-                "params": {
-                    "backbone": TOY,
-                    "image_size": 32,
-                    "head_hidden": 64,
-                    "num_patches": 16,
-                    # 100x the paper's 1e-4: an update here sees 64 images, not 1536, and the
-                    # generator takes an update every other epoch, not every tenth.
-                    "lr": 1e-2,
-                    "feature_cache_bytes": 64 << 20,  # 16.6 KB per image: ~4k references
-                    "recent_feature_cache_bytes": 64 << 20,
-                },
-            },
+            # lr 100x the paper's 1e-4: an update here sees 64 images, not 1536, and the generator
+            # takes an update every other epoch, not every tenth.
+            "dino": _toy_dino(num_patches=16, lr=1e-2),
             "saturation": {"kind": "saturation"},
-            "dino_similarity": {
-                "kind": "dino_similarity",
-                "params": {"backbone": TOY, "image_size": 32, "reference_cache_bytes": 16 << 20},
-            },
+            "dino_similarity": _TOY_DINO_SIMILARITY,
         },
     },
     # The real models of Adv-GRPO on SD3.5-M.

@@ -210,13 +210,7 @@ def parse(message_type: type, data: bytes) -> Any:
     try:
         return _parse(_SCHEMAS[message_type], buf, 0, len(buf))
     except _Unhandled:
-        pass
-    try:
-        return message_type.FromString(bytes(buf))
-    except DecodeError as exc:
-        raise InvalidArgument(
-            f"request: not a valid {message_type.DESCRIPTOR.full_name} ({len(buf)} bytes): {exc}"
-        ) from None
+        return parse_plain(message_type, buf)
 
 
 def parse_plain(message_type: type, data: bytes) -> Any:
