@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 venv=$1
 mode=${2:-locked}
 python=${PYTHON:-python3}
-units=(-e ./protos -e "./common[config,torch]" -e ./client -e "./kernels[triton]" -e ./reward_server -e ./trainer)
+units=(-e ./protos -e "./common[config,torch]" -e ./client -e "./kernels[triton]" -e "./reward_server[ray]" -e ./trainer)
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 py="$venv/bin/python"

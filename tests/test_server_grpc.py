@@ -1,4 +1,8 @@
-"""The reward server over real gRPC on loopback: every RPC, health, reflection, bad inputs."""
+"""The reward server over real gRPC on loopback: every RPC, health, reflection, bad inputs.
+
+The tests on the shared tiny server run against both backends: the single process, and Ray
+Serve (``--backend ray --replicas 2``: an ingress, two scoring replicas and the discriminator
+owner on a local Ray started by the server)."""
 
 from __future__ import annotations
 
@@ -14,10 +18,23 @@ from PIL import Image as PILImage
 from advgrpo.client import Group, RewardClient
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
+from advgrpo.common.process import ServerProcess
+
 from .conftest import noise_image, smooth_image
 
 pytestmark = pytest.mark.slow
 SERVICE = "advgrpo.reward.v1.RewardService"
+
+
+@pytest.fixture(scope="module", params=["single", "ray"])
+def tiny_server(request, tmp_path_factory):
+    """The tiny preset with a state dir, on each backend (this module's contract tests run on both)."""
+    args = ["--preset", "tiny", "--state-dir", str(tmp_path_factory.mktemp("state"))]
+    if request.param == "ray":
+        args += ["--backend", "ray", "--replicas", "2"]
+    server = ServerProcess(args, timeout_s=300)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

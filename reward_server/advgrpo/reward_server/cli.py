@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="model set: 'toy' (the toy world's discriminator and proxy), 'tiny' (every reward kind, small: toy DINOv2, tiny CLIP, real OCR), both without downloads, or 'sd3-adv' (real model ids); default sd3-adv unless --config is given",
     )
     p.add_argument("--config", type=Path, help="YAML config file, merged over the preset")
+    p.add_argument(
+        "--backend",
+        choices=("single", "ray"),
+        default="single",
+        help="'single' (default): one process; 'ray': a Ray Serve application (scoring replicas, one "
+        "discriminator owner, this front end as its ingress) on a local Ray, or on $RAY_ADDRESS / ray.address; "
+        "needs advgrpo-reward-server[ray]",
+    )
+    p.add_argument(
+        "--replicas", type=int, help="--backend ray: scoring replicas of each deployment (ray.replicas, default 1)"
+    )
     p.add_argument("--state-dir", type=Path, help="directory where discriminator state is made durable")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument(
@@ -86,7 +97,12 @@ def config_from_args(args: argparse.Namespace):
             server[key] = value
     if args.no_http:
         server["http_port"] = None
-    return load_config(preset, args.config, {"server": server} if server else None)
+    overrides: dict = {"server": server} if server else {}
+    if args.replicas is not None:
+        if args.backend != "ray":
+            raise ConfigError("--replicas: only with --backend ray")
+        overrides["ray"] = {"replicas": args.replicas}
+    return load_config(preset, args.config, overrides or None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     from advgrpo.common.library_noise import quiet_torchvision_fallback
 
     quiet_torchvision_fallback()  # before transformers' image processors load
+    if args.backend == "ray":
+        try:
+            from advgrpo.reward_server.ray_serve import launch
+        except ImportError as exc:
+            print(
+                f"advgrpo-reward-server: --backend ray needs Ray ({exc}); "
+                "install it with: pip install 'advgrpo-reward-server[ray]'",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            launch.run(config, args.ready_file)
+        except ConfigError as exc:
+            print(f"advgrpo-reward-server: {exc}", file=sys.stderr)
+            return 2
+        return 0
     from advgrpo.reward_server.server import run  # imports torch & friends: after argument errors are out of the way
 
     try:

@@ -136,6 +136,11 @@ class ModelConfig:
     weight: float = 0.0  # weight in the default reward spec (0: not part of it)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the model learns through UpdateDiscriminator (known before it is loaded)."""
+        return self.kind == "dino" or (self.kind == "pickscore" and bool(self.params.trainable))
+
 
 @dataclass
 class ServerSettings:
@@ -181,9 +186,53 @@ class ServerSettings:
 
 
 @dataclass
+class RayDeploymentSettings:
+    """One Ray Serve deployment of scoring replicas (``--backend ray``): the models each of its
+    replicas hosts, and Serve's settings for it. Models in one deployment share its replicas'
+    process and GPU share (``num_gpus`` may be a fraction, so that several replicas share a GPU)."""
+
+    models: list[str] = field(default_factory=list)
+    num_replicas: int | None = None  # None: ray.replicas (--replicas)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); when
+    # set, it replaces num_replicas.
+    autoscaling: dict[str, Any] | None = None
+    max_ongoing_requests: int = 16  # requests a replica takes at once (each is batched inside it)
+    # Requests a caller's handle queues when every replica is full; beyond, RESOURCE_EXHAUSTED
+    # with a retry hint. -1: no limit.
+    max_queued_requests: int = 64
+
+
+@dataclass
+class RaySettings:
+    """``--backend ray``: scoring replicas, the discriminator owner and the ingress as one Ray
+    Serve application (advgrpo.reward_server.ray_serve)."""
+
+    address: str | None = None  # a running cluster ("auto", "ray://..."); None: $RAY_ADDRESS, else a local one
+    app_name: str = "advgrpo-reward"
+    replicas: int = 1  # --replicas: scoring replicas of each deployment without its own num_replicas
+    # Scoring deployments by name; empty: one deployment, "rewards", hosting every model.
+    deployments: dict[str, RayDeploymentSettings] = field(default_factory=dict)
+    owner_num_cpus: float = 1.0  # the discriminator owner: one replica, applies every update
+    owner_num_gpus: float = 0.0
+    ingress_num_cpus: float = 0.5  # our gRPC/HTTP front end: one replica, no model
+    sync_poll_s: float = 5.0  # a replica's long-poll to the owner for new versions
+    health_check_period_s: float = 2.0  # Serve's health checks of every replica
+    health_check_timeout_s: float = 30.0
+
+
+@dataclass
 class ServerConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     models: list[ModelConfig] = field(default_factory=list)
+    ray: RaySettings = field(default_factory=RaySettings)
+
+    def scoring_deployments(self) -> dict[str, RayDeploymentSettings]:
+        """ray.deployments, or the default: one deployment hosting every model."""
+        if self.ray.deployments:
+            return self.ray.deployments
+        return {"rewards": RayDeploymentSettings(models=[m.name for m in self.models])}
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -257,10 +306,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def build_config(data: Mapping[str, Any]) -> ServerConfig:
     """Validates a merged mapping ({server: ..., models: {name: {kind, params, ...}}})."""
-    unknown = sorted(set(data) - {"server", "models"})
+    unknown = sorted(set(data) - {"server", "models", "ray"})
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (known keys: models, server)")
+        raise ConfigError(f"{unknown[0]}: unknown key (known keys: models, ray, server)")
     server = from_mapping(ServerSettings, data.get("server"), "server")
+    ray = from_mapping(RaySettings, data.get("ray"), "ray")
     models_data = data.get("models") or {}
     if not isinstance(models_data, Mapping):
         raise ConfigError("models: expected a mapping of model name -> model config")
@@ -284,7 +334,8 @@ def build_config(data: Mapping[str, Any]) -> ServerConfig:
     if not models:
         raise ConfigError("models: no models configured")
     _validate(server, models)
-    return ServerConfig(server=server, models=models)
+    _validate_ray(ray, models)
+    return ServerConfig(server=server, models=models, ray=ray)
 
 
 @dataclass
@@ -406,6 +457,45 @@ def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
             raise ConfigError(f"models.{m.name}.params.delay_ms: must be in [0, 60000]")
 
 
+def _validate_ray(ray: RaySettings, models: list[ModelConfig]) -> None:
+    if ray.replicas < 1:
+        raise ConfigError(f"ray.replicas: must be >= 1, got {ray.replicas}")
+    if not ray.app_name:
+        raise ConfigError("ray.app_name: must not be empty")
+    for key in ("sync_poll_s", "health_check_period_s", "health_check_timeout_s"):
+        if not getattr(ray, key) > 0:
+            raise ConfigError(f"ray.{key}: must be > 0, got {getattr(ray, key)}")
+    for key in ("owner_num_cpus", "owner_num_gpus", "ingress_num_cpus"):
+        if not getattr(ray, key) >= 0:
+            raise ConfigError(f"ray.{key}: must be >= 0, got {getattr(ray, key)}")
+    names = [m.name for m in models]
+    hosted: dict[str, str] = {}
+    for dep_name, dep in ray.deployments.items():
+        where = f"ray.deployments.{dep_name}"
+        if not MODEL_NAME.match(dep_name):
+            raise ConfigError(f"{where}: a deployment name may use only letters, digits, '_', '.' and '-'")
+        if not dep.models:
+            raise ConfigError(f"{where}.models: names no model")
+        for name in dep.models:
+            if name not in names:
+                raise ConfigError(f"{where}.models: {name!r} is not a configured model (models: {', '.join(names)})")
+            if name in hosted:
+                raise ConfigError(f"{where}.models: {name!r} is already hosted by ray.deployments.{hosted[name]}")
+            hosted[name] = dep_name
+        if dep.num_replicas is not None and dep.num_replicas < 1:
+            raise ConfigError(f"{where}.num_replicas: must be >= 1, got {dep.num_replicas}")
+        if not (dep.num_cpus >= 0 and dep.num_gpus >= 0):
+            raise ConfigError(f"{where}: num_cpus and num_gpus must be >= 0")
+        if dep.max_ongoing_requests < 1:
+            raise ConfigError(f"{where}.max_ongoing_requests: must be >= 1, got {dep.max_ongoing_requests}")
+        if dep.max_queued_requests < -1 or dep.max_queued_requests == 0:
+            raise ConfigError(f"{where}.max_queued_requests: must be >= 1, or -1 for no limit")
+    if ray.deployments:
+        missing = [n for n in names if n not in hosted]
+        if missing:
+            raise ConfigError(f"ray.deployments: no deployment hosts model {missing[0]!r}; every model needs one")
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -426,10 +516,17 @@ def load_config(
 
 def dump_config(config: ServerConfig) -> dict[str, Any]:
     """The mapping form of a config (what ``--print-config`` shows)."""
-    out = {"server": to_mapping(config.server), "models": {}}
+    out = config_mapping(config)
     for secret in ("auth_token", "tokens"):  # never printed, logged or written back
         if out["server"].get(secret):
             out["server"][secret] = "<redacted>"
+    return out
+
+
+def config_mapping(config: ServerConfig) -> dict[str, Any]:
+    """The mapping form of a config, secrets included: ``build_config`` of it gives the same config
+    (how the Ray backend hands its config to the processes it starts)."""
+    out = {"server": to_mapping(config.server), "models": {}, "ray": to_mapping(config.ray)}
     for m in config.models:
         out["models"][m.name] = {
             "kind": m.kind,

@@ -239,18 +239,10 @@ class ModelHost:
         try:
             return self._hosted[name]
         except KeyError:
-            raise NotFound(f"model {name!r} is not served here (models: {', '.join(self._hosted)})") from None
+            raise not_served(name, self._hosted) from None
 
     def resolve_weights(self, weights: dict[str, float]) -> dict[str, float]:
-        if not weights:
-            weights = self.config.default_weights()
-            if not weights:
-                raise InvalidArgument("weights: empty, and the server has no default reward spec")
-        for name, w in weights.items():
-            self._get(name)
-            if not math.isfinite(w):
-                raise InvalidArgument(f"weights[{name!r}]: must be finite, got {w}")
-        return dict(weights)
+        return resolve_weights(self.config, weights)
 
     # ------------------------------------------------------------------ scoring
 
@@ -493,6 +485,56 @@ class ModelHost:
             self.update_history[model_name].append({"time": now, **outcome.__dict__})
         return outcome
 
+    # ------------------------------------------------------------------ versions shared between processes
+
+    async def snapshot_state(self, model_name: str) -> tuple[int, dict, dict[str, str]]:
+        """(version, tensors, metadata) of a trainable model, taken between batches and updates
+        so that the tensors are exactly that version's (the Ray backend's owner publishes them)."""
+        h = self.trainable_model(model_name)
+
+        def take():
+            tensors, meta = h.model.export_state()
+            return h.model.version, _clone_state((tensors, meta))
+
+        version, (tensors, meta) = await h.batcher.run_exclusive(take)
+        return version, tensors, meta
+
+    async def install_state(self, model_name: str, version: int, tensors: dict, meta: dict[str, str]) -> bool:
+        """Serves ``version`` of a trainable model from now on (a Ray scoring replica following the
+        owner). Installed between batches, like an update: a request is scored by one version. A
+        version not newer than the one served is ignored (False)."""
+        h = self.trainable_model(model_name)
+
+        def install() -> bool:
+            if version <= h.model.version:
+                return False
+            h.model.import_state(tensors, meta)
+            h.model.version = version
+            return True
+
+        installed = await h.batcher.run_exclusive(install)
+        if installed:
+            self.metrics.model_version.labels(model_name).set(version)
+            self._record_stats(model_name, h.model)
+        return installed
+
+    # ------------------------------------------------------------------ the front end's calls
+    # The gRPC servicer and the HTTP gateway call these; the Ray backend's ingress has the same
+    # three (advgrpo.reward_server.ray_serve.ingress.RayHost), so both front ends serve either.
+
+    async def score_message(self, request, raw: bytes | None = None):
+        from advgrpo.reward_server import convert  # convert imports this module
+
+        return await convert.score(self, request)
+
+    async def update_message(self, request, raw: bytes | None = None):
+        from advgrpo.reward_server import convert
+
+        return await convert.update(self, request)
+
+    async def describe_models(self) -> list[ModelInfo]:
+        return self.list_models()
+
     # ------------------------------------------------------------------ decoding & lifecycle
 
     async def run_decode(self, fn, *args):
@@ -506,6 +548,48 @@ class ModelHost:
             h.executor.shutdown(wait=True)
             h.model.close()
         self._decode_pool.shutdown(wait=False)
+
+
+def weighted_rewards(
+    weights: dict[str, float], components: dict[str, Sequence[float]], group_index: int, group_id: str
+) -> list[float]:
+    """rewards[i] = sum over ``weights`` (in its order) of weight * components[model][i], summed in
+    float64 and sent as float32; a sum that overflows float32 fails the request, naming the group:
+    finite scores times large weights can."""
+    n = len(next(iter(components.values())))
+    rewards = np.zeros(n, dtype=np.float64)
+    for name, w in weights.items():
+        rewards += w * np.asarray(components[name], dtype=np.float64)
+    with np.errstate(over="ignore"):  # an overflow is caught just below
+        combined = rewards.astype(np.float32)
+    if not np.isfinite(combined).all():
+        j = int(np.flatnonzero(~np.isfinite(combined))[0])
+        raise ModelFailed(
+            f"the weighted reward of groups[{group_index}].images[{j}] (group_id {group_id!r}) is {combined[j]} "
+            f"(weights {weights}): "
+            "no reward is sent for this request"
+        )
+    return combined.tolist()
+
+
+def not_served(name: str, served) -> NotFound:
+    return NotFound(f"model {name!r} is not served here (models: {', '.join(served)})")
+
+
+def resolve_weights(config: ServerConfig, weights: dict[str, float]) -> dict[str, float]:
+    """A request's weights, or the config's default spec when it names none: every model served,
+    every weight finite."""
+    if not weights:
+        weights = config.default_weights()
+        if not weights:
+            raise InvalidArgument("weights: empty, and the server has no default reward spec")
+    served = [m.name for m in config.models]
+    for name, w in weights.items():
+        if name not in served:
+            raise not_served(name, served)
+        if not math.isfinite(w):
+            raise InvalidArgument(f"weights[{name!r}]: must be finite, got {w}")
+    return dict(weights)
 
 
 def _check_update_finite(model_name: str, outcome: UpdateResult, tensors: dict) -> None:

@@ -35,11 +35,14 @@ def check_device(device: str) -> str:
 
 
 class RewardServer:
-    """One server process: a ModelHost behind a gRPC frontend and an optional HTTP side."""
+    """One server process: a ModelHost behind a gRPC frontend and an optional HTTP side.
 
-    def __init__(self, config: ServerConfig):
+    ``host``: what answers the front end's calls instead of a ModelHost loaded here (the Ray
+    backend's ingress passes its ``RayHost``, which calls the model deployments)."""
+
+    def __init__(self, config: ServerConfig, host=None):
         self.config = config
-        self.host: ModelHost | None = None
+        self.host = host
         self.grpc: GrpcFrontend | None = None
         self.http_port: int | None = None
         self._uvicorn = None
@@ -49,15 +52,16 @@ class RewardServer:
 
     async def start(self) -> None:
         settings = self.config.server
-        if settings.keep_freed_memory:
-            keep_freed_memory()
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        device = check_device(settings.device)
-        t0 = time.perf_counter()
-        # Loading blocks for seconds to minutes: keep it off the loop.
-        self.host = await asyncio.to_thread(ModelHost.from_config, self.config, device)
-        log.info("models ready in %.1fs on %s", time.perf_counter() - t0, device)
+        if self.host is None:
+            if settings.keep_freed_memory:
+                keep_freed_memory()
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
+            device = check_device(settings.device)
+            t0 = time.perf_counter()
+            # Loading blocks for seconds to minutes: keep it off the loop.
+            self.host = await asyncio.to_thread(ModelHost.from_config, self.config, device)
+            log.info("models ready in %.1fs on %s", time.perf_counter() - t0, device)
         self.grpc = GrpcFrontend(self.host)
         await self.grpc.start()
         if settings.http_port is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from advgrpo.common.errors import ConfigError
 from advgrpo.reward_server.config import MODEL_NAME
@@ -135,3 +135,23 @@ class StateStore:
         if state_checksum(tensors, metadata) != expected:
             raise ConfigError(f"{path}: state file does not match its checksum (corrupted)")
         return tensors, metadata
+
+
+def state_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """One state as checksummed safetensors bytes: how the Ray backend's discriminator owner
+    publishes a version to its scoring replicas (through Ray's object store, no pickle)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return save(tensors, metadata={**metadata, CHECKSUM_KEY: state_checksum(tensors, metadata)})
+
+
+def state_from_bytes(data: bytes, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The inverse of ``state_to_bytes``; ValueError naming ``what`` if the bytes do not match
+    their checksum."""
+    try:
+        tensors = load(data)
+        metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    except (SafetensorError, ValueError) as exc:
+        raise ValueError(f"{what}: unreadable state ({exc})") from None
+    if metadata.get(CHECKSUM_KEY) != state_checksum(tensors, metadata):
+        raise ValueError(f"{what}: state does not match its checksum")
+    return tensors, metadata

@@ -1,5 +1,6 @@
-"""The RewardService servicer: thin. Conversion lives in ``convert``, logic in ``ModelHost``,
-errors/auth/metrics in the interceptors.
+"""The RewardService servicer: thin. Conversion lives in ``convert``, logic in the host (``ModelHost``,
+or the Ray backend's ``RayHost``, which answer the same calls), errors/auth/metrics in the
+interceptors.
 
 Every method receives its request as the bytes gRPC read and parses them itself: Score, ScoreStream
 and UpdateDiscriminator with ``wire.parse`` (pixels stay views into those bytes, and a malformed message becomes
@@ -17,13 +18,12 @@ from advgrpo.common.errors import RewardError
 from advgrpo.common.protocol import STREAM_OPEN_KEY
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 from advgrpo.reward_server import convert, wire
-from advgrpo.reward_server.host import ModelHost
 
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, host: ModelHost):
+    def __init__(self, host):
         self.host = host
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -53,7 +53,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         server.add_registered_method_handlers(SERVICE, handlers)
 
     async def Score(self, request: bytes, context: grpc.aio.ServicerContext):
-        return await convert.score(self.host, wire.parse(reward_pb2.ScoreRequest, request))
+        return await self.host.score_message(wire.parse(reward_pb2.ScoreRequest, request), request)
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -88,17 +88,18 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def _score_indexed(self, request: bytes, index: int) -> reward_pb2.ScoreResponse:
         try:
-            return await convert.score(self.host, wire.parse(reward_pb2.ScoreRequest, request))
+            return await self.host.score_message(wire.parse(reward_pb2.ScoreRequest, request), request)
         except RewardError as exc:
             # Name the message so a client can tell which group of its stream was refused.
             raise type(exc)(f"stream message {index}: {exc}", retry_after_s=exc.retry_after_s) from None
 
     async def UpdateDiscriminator(self, request: bytes, context):
-        return await convert.update(self.host, wire.parse(reward_pb2.UpdateDiscriminatorRequest, request))
+        message = wire.parse(reward_pb2.UpdateDiscriminatorRequest, request)
+        return await self.host.update_message(message, request)
 
     async def ListModels(self, request: bytes, context):
         wire.parse_plain(reward_pb2.ListModelsRequest, request)
-        return convert.list_models_response(self.host.list_models())
+        return convert.list_models_response(await self.host.describe_models())
 
     async def CheckSharedMemory(self, request: bytes, context):
         request = wire.parse_plain(reward_pb2.CheckSharedMemoryRequest, request)

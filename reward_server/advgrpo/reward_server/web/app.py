@@ -150,7 +150,7 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
     async def models(request: Request) -> Response:
         if (refused := refusal(request, "score")) is not None:
             return refused
-        return to_json(convert.list_models_response(host.list_models()))
+        return to_json(convert.list_models_response(await host.describe_models()))
 
     async def stats(request: Request) -> Response:
         now = time.time()
@@ -198,6 +198,8 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
             "status": "draining" if state.draining else ("ready" if state.ready else "starting"),
             "auth_required": bool(tokens),
             "models": models_out,
+            # --backend ray: the discriminator owner and every scoring replica (versions, processes).
+            **({"ray": host.replica_report()} if hasattr(host, "replica_report") else {}),
             "updates": updates,
             "events": [_event_dict(e) for e in events[-_RECENT_EVENTS:]],
         }
@@ -211,10 +213,10 @@ def build_app(host: ModelHost, state: HttpState) -> Starlette:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     async def score(host_, message):
-        return await convert.score(host_, message)
+        return await host_.score_message(message)
 
     async def update(host_, message):
-        return await convert.update(host_, message)
+        return await host_.update_message(message)
 
     routes = [
         Route("/healthz", healthz),
