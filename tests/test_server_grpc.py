@@ -16,9 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image as PILImage
 
 from advgrpo.client import Group, RewardClient
-from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
-
 from advgrpo.common.process import ServerProcess
+from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
 
 from .conftest import noise_image, smooth_image
 
