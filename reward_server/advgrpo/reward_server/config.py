@@ -216,7 +216,12 @@ class RaySettings:
     deployments: dict[str, RayDeploymentSettings] = field(default_factory=dict)
     owner_num_cpus: float = 1.0  # the discriminator owner: one replica, applies every update
     owner_num_gpus: float = 0.0
+    # Custom Ray resources the owner needs: pins it to the node whose disk holds server.state_dir.
+    owner_resources: dict[str, float] = field(default_factory=dict)
     ingress_num_cpus: float = 0.5  # our gRPC/HTTP front end: one replica, no model
+    # Custom Ray resources the ingress needs: pins it to the node that declares them (the head
+    # node, whose address clients use), e.g. {"advgrpo-ingress": 1}.
+    ingress_resources: dict[str, float] = field(default_factory=dict)
     sync_poll_s: float = 5.0  # a replica's long-poll to the owner for new versions
     health_check_period_s: float = 2.0  # Serve's health checks of every replica
     health_check_timeout_s: float = 30.0

@@ -6,7 +6,8 @@
 
 ``serve deploy`` / a KubeRay RayService names ``advgrpo.reward_server.ray_serve.app:app_builder``
 as an application's ``import_path``; its ``args`` are the CLI's: ``preset``, ``config`` (a YAML
-file on every node), ``replicas``, ``port``, ``http_port``, ``host``, ``state_dir``.
+file on every node), ``replicas``, ``port``, ``http_port``, ``host``, ``state_dir``,
+``insecure``, ``tokens_file``, ``tls_cert``, ``tls_key``, ``tls_client_ca`` (docs/RAY.md).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def build_application(config: ServerConfig) -> Application:
                 name=OWNER,
                 num_replicas=1,
                 max_ongoing_requests=OWNER_MAX_ONGOING,
-                ray_actor_options={"num_cpus": ray.owner_num_cpus, "num_gpus": ray.owner_num_gpus},
+                ray_actor_options={
+                    "num_cpus": ray.owner_num_cpus,
+                    "num_gpus": ray.owner_num_gpus,
+                    "resources": dict(ray.owner_resources),
+                },
                 health_check_period_s=ray.health_check_period_s,
                 health_check_timeout_s=ray.health_check_timeout_s,
             )
@@ -71,7 +76,7 @@ def build_application(config: ServerConfig) -> Application:
             # The front end's own limits (server.max_concurrent_rpcs) apply inside it; the handle
             # calls from the CLI (ready_info, drain) are all Serve sees.
             max_ongoing_requests=100,
-            ray_actor_options={"num_cpus": ray.ingress_num_cpus},
+            ray_actor_options={"num_cpus": ray.ingress_num_cpus, "resources": dict(ray.ingress_resources)},
             health_check_period_s=ray.health_check_period_s,
             health_check_timeout_s=ray.health_check_timeout_s,
         )
@@ -81,11 +86,13 @@ def build_application(config: ServerConfig) -> Application:
 
 def app_builder(args: dict[str, Any]) -> Application:
     """``serve deploy``'s entry point (``import_path: advgrpo.reward_server.ray_serve.app:app_builder``)."""
-    known = {"preset", "config", "replicas", "port", "http_port", "host", "state_dir", "insecure"}
+    server_keys = ("port", "http_port", "host", "state_dir", "insecure", "tokens_file", "tls_cert", "tls_key",
+                   "tls_client_ca")  # fmt: skip
+    known = {"preset", "config", "replicas", *server_keys}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"args.{unknown[0]}: unknown (known: {', '.join(sorted(known))})")
-    server = {k: args[k] for k in ("port", "http_port", "host", "state_dir", "insecure") if k in args}
+    server = {k: args[k] for k in server_keys if k in args}
     overrides: dict[str, Any] = {"server": server}
     if "replicas" in args:
         overrides["ray"] = {"replicas": int(args["replicas"])}
