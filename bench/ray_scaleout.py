@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -119,7 +121,8 @@ def propagation(server: ServerProcess, updates: int) -> dict:
 
 def measure(name: str, args: list[str], opts) -> dict:
     t0 = time.perf_counter()
-    server = ServerProcess(["--preset", "tiny", *args], timeout_s=300)
+    state = tempfile.mkdtemp(prefix="advgrpo-bench-state-")
+    server = ServerProcess(["--preset", "tiny", "--state-dir", state, *args], timeout_s=300)
     started = time.perf_counter() - t0
     try:
         out = {"server": name, "args": args, "start_s": round(started, 1)}
@@ -133,6 +136,7 @@ def measure(name: str, args: list[str], opts) -> dict:
         return out
     finally:
         server.stop(60)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def table(results: list[dict]) -> str:

@@ -416,6 +416,58 @@ def test_hand_written_wire_format_parses_as_the_same_score_request():
     client.close()
 
 
+def test_min_versions_are_written_as_the_map_protobuf_parses_and_go_with_every_request():
+    from advgrpo.client.encoding import ScoreBatch, check_min_versions
+    from advgrpo.client.shared_memory import place_request
+    from advgrpo.common.shared_memory import SharedMemoryArena
+    from advgrpo.reward.v1 import reward_pb2
+
+    client = RewardClient("127.0.0.1:1")
+    groups = [
+        client._encode_group(Group(f"p{g}", [np.full((10, 10, 3), g, np.uint8)] * 3, f"g{g}"), g) for g in range(3)
+    ]
+    # Zero, one-byte and multi-byte varints, the largest uint64, a non-ASCII name.
+    min_versions = {"dino": 7, "pickscore": 0, "ocr": 300, "ü": 2**64 - 1}
+    batch = ScoreBatch(groups, {"dino": 1.0}, min_versions)
+    expected = reward_pb2.ScoreRequest(weights={"dino": 1.0}, min_versions=min_versions)
+    for g in groups:
+        g.add_to(expected.groups)
+    assert reward_pb2.ScoreRequest.FromString(batch.serialize()) == expected
+    alone = ScoreBatch([], {}, {"dino": 1})
+    assert reward_pb2.ScoreRequest.FromString(alone.serialize()) == reward_pb2.ScoreRequest(min_versions={"dino": 1})
+    assert ScoreBatch([], {}).serialize() == b""  # no map, no bytes
+    # Every request a payload is packed into carries them (and the weights), as do replays and
+    # requests whose images go through shared memory.
+    requests = list(client._requests(groups, {"dino": 1.0}, 700, min_versions))
+    assert len(requests) > 1
+    for request, _ in requests:
+        parsed = reward_pb2.ScoreRequest.FromString(request.serialize())
+        assert dict(parsed.min_versions) == min_versions and dict(parsed.weights) == {"dino": 1.0}
+    assert batch.with_groups(groups[:1]).min_versions == min_versions
+    arena = SharedMemoryArena()
+    try:
+        placed = place_request(batch, arena)
+        assert dict(reward_pb2.ScoreRequest.FromString(placed.serialize()).min_versions) == min_versions
+    finally:
+        arena.close()
+    # What the client refuses before sending, naming the argument.
+    assert check_min_versions(None) == {} and check_min_versions({"d": np.uint8(3)}) == {"d": 3}
+    for bad, message in (
+        ({"": 1}, r"min_versions: model names must be non-empty strings, got ''"),
+        ({1: 1}, r"min_versions: model names must be non-empty strings, got 1"),
+        ({"dino": -1}, r"min_versions\['dino'\]: a version is an integer >= 0, got -1"),
+        ({"dino": 1.5}, r"min_versions\['dino'\]: a version is an integer >= 0"),
+        ({"dino": True}, r"min_versions\['dino'\]: a version is an integer >= 0"),
+        ({"dino": 2**64}, r"min_versions\['dino'\]: a version is an integer >= 0"),
+        (["dino"], r"min_versions: expected a mapping"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            client.score([Group("p", [np.zeros((4, 4, 3), np.uint8)])], None, bad)
+        with pytest.raises(ValueError, match=message):
+            client.score_stream([], None, bad)  # at the call, before the stream starts
+    client.close()
+
+
 def test_raw_images_are_not_copied_before_serialisation():
     """The client keeps views of the caller's uint8 arrays until it writes the request (one copy)."""
     client = RewardClient("127.0.0.1:1")

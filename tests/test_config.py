@@ -111,6 +111,8 @@ def test_bad_config_files_name_the_problem(tmp_path, yaml_text, message):
         ("server: {max_message_bytes: 3221225472}", r"server.max_message_bytes: must be in 1024..2147483647"),
         ("server: {log_level: verbose}", "server.log_level: expected one of DEBUG, INFO"),
         ("server: {host: ''}", "server.host: must not be empty"),
+        ("server: {min_version_wait_s: -1}", r"server.min_version_wait_s: must be >= 0 and finite, got -1"),
+        ("server: {min_version_wait_s: .nan}", r"server.min_version_wait_s: must be >= 0 and finite, got nan"),
         ("models: {dino/v2: {kind: noop}}", r"models.dino/v2: a model name may use only letters"),
         ("models: {'..': {kind: noop}}", None),  # dots alone are a legal file name part: accepted
     ],

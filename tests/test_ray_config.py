@@ -60,6 +60,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_replicas_needs_the_ray_backend_and_print_config_shows_the_ray_section():
     refused = run_cli("--preset", "tiny", "--replicas", "2", "--print-config")
     assert refused.returncode == 2 and "--replicas: only with --backend ray" in refused.stderr
+    # Trainable models on Ray need durable state (an owner restarted by Serve resumes from it).
+    no_state = run_cli("--preset", "tiny", "--backend", "ray", "--no-http")
+    assert no_state.returncode == 2 and "needs --state-dir" in no_state.stderr
     shown = run_cli("--preset", "tiny", "--backend", "ray", "--replicas", "3", "--print-config")
     assert shown.returncode == 0, shown.stderr
     assert yaml.safe_load(shown.stdout)["ray"]["replicas"] == 3

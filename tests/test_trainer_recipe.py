@@ -254,6 +254,33 @@ def test_the_sde_window_is_where_the_config_puts_it(make_trainer):
     assert starts <= {0, 1, 2} and len(starts) > 1  # drawn per epoch from the range
 
 
+@pytest.mark.slow
+def test_every_score_call_asks_for_the_discriminators_last_acknowledged_version(make_trainer):
+    """The trainer's score requests carry min_versions: each trainable model's version at start,
+    the discriminator's raised to what its last update returned, so that the epoch after an update
+    is scored by that version (on a Ray backend, by a replica that caught up first)."""
+    trainer = make_trainer()
+    sent: list[dict[str, int]] = []
+    build = trainer.client._requests  # every Score and ScoreStream request is built here
+
+    def spy(*args, **kwargs):
+        for request, parts in build(*args, **kwargs):
+            sent.append(dict(request.min_versions))
+            yield request, parts
+
+    trainer.client._requests = spy
+    at_start = {m.name: m.version for m in trainer.client.list_models() if m.trainable}
+    assert trainer.version_floor.min_versions() == at_start and "dino" in at_start
+    first = trainer.train_epoch(0)  # ratio_k = 2: epoch 0 trains the discriminator
+    assert first["d_version"] == at_start["dino"] + 1
+    assert sent and all(m == at_start for m in sent)  # the stream's groups and the references alike
+    assert trainer.version_floor.min_versions() == {**at_start, "dino": first["d_version"]}
+    sent.clear()
+    second = trainer.train_epoch(1)
+    assert sent and all(m == {**at_start, "dino": first["d_version"]} for m in sent)
+    assert second["reward_versions"]["dino"] == first["d_version"]
+
+
 def _plain_gradient(trainer, batch, steps) -> list[torch.Tensor]:
     from advgrpo.trainer import pipeline as sd3
     from advgrpo.trainer.grpo import grpo_loss

@@ -82,6 +82,10 @@ def random_requests(seed: int, count: int):
                     k: rng.choice([0.0, 1.0, -2.5, 1e-30, float("inf")])
                     for k in rng.sample(["dino", "ocr", "pickscore", "ü"], rng.randint(0, 3))
                 },
+                min_versions={
+                    k: rng.choice([0, 1, 300, 2**63, 2**64 - 1])
+                    for k in rng.sample(["dino", "pickscore", "ü"], rng.randint(0, 2))
+                },
             )
         else:
             yield UpdateRequest(

@@ -16,7 +16,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import grpc
 
 from advgrpo.client import health
-from advgrpo.client.encoding import EncodedGroup, ScoreBatch, UpdateBatch, encode_group, fit_inline
+from advgrpo.client.encoding import (
+    EncodedGroup,
+    ScoreBatch,
+    UpdateBatch,
+    check_min_versions,
+    encode_group,
+    fit_inline,
+)
 from advgrpo.client.packing import PartList, call_budget, collect, merge_parts, pack_requests
 from advgrpo.client.retry import RetryPolicy, call_with_retry, channel_options
 from advgrpo.client.shared_memory import ClientSegments
@@ -234,10 +241,24 @@ class RewardClient:
         response = self._call(self._stub.ListModels, reward_pb2.ListModelsRequest())
         return [ModelInfo(m.name, m.kind, m.trainable, m.version, m.default_weight) for m in response.models]
 
-    def score(self, groups: Sequence[Group], weights: dict[str, float] | None = None) -> list[GroupScore]:
+    def score(
+        self,
+        groups: Sequence[Group],
+        weights: dict[str, float] | None = None,
+        min_versions: dict[str, int] | None = None,
+    ) -> list[GroupScore]:
         """Scores groups (message-sized chunks, several calls in flight for big payloads);
-        results in the order given. A group is always scored under one version of each model."""
-        scores, straddled = self._score_once(list(enumerate(groups)), weights)
+        results in the order given. A group is always scored under one version of each model.
+
+        ``min_versions`` (model name -> version; ScoreRequest.min_versions): every call is scored
+        with at least that version of each named model. A server that does not have it yet
+        waits for it (up to its ``server.min_version_wait_s``), then fails the call with
+        FAILED_PRECONDITION; a name it does not serve is NOT_FOUND. A trainer passes the version
+        its last ``update_discriminator`` returned, so that no reward comes from an older
+        discriminator (on any replica of the server). ValueError for a name that is not a
+        non-empty string or a version that is not an integer >= 0."""
+        min_versions = check_min_versions(min_versions)
+        scores, straddled = self._score_once(list(enumerate(groups)), weights, min_versions)
         for _ in range(self.max_rescores):
             if not straddled:
                 break
@@ -246,7 +267,7 @@ class RewardClient:
                 self.target,
                 len(straddled),
             )
-            again, still = self._score_once([(i, groups[i]) for i in straddled], weights)
+            again, still = self._score_once([(i, groups[i]) for i in straddled], weights, min_versions)
             for i, s in zip(straddled, again, strict=True):
                 scores[i] = s
             straddled = [straddled[j] for j in still]
@@ -258,14 +279,14 @@ class RewardClient:
         return scores
 
     def _score_once(
-        self, indexed: list[tuple[int, Group]], weights: dict[str, float] | None
+        self, indexed: list[tuple[int, Group]], weights: dict[str, float] | None, min_versions: dict[str, int]
     ) -> tuple[list[GroupScore], list[int]]:
         """One pass over ``indexed`` (caller's index, group): the scores in that order, and the
         positions (into ``indexed``) of split groups whose parts saw different model versions."""
         encoded = [self._encode_group(g, i) for i, g in indexed]
         with self._segments.segment(self._check_shared_memory) as arena:
             budget = self.chunk_bytes if arena is not None else self._call_budget(encoded)
-            requests = list(self._requests(encoded, weights, budget))
+            requests = list(self._requests(encoded, weights, budget, min_versions))
             if arena is None and len(requests) > 1 and self.parallel_calls > 1:
                 responses = self._call_concurrently(self._score, [r for r, _ in requests])
             else:
@@ -279,9 +300,16 @@ class RewardClient:
         position = {index: k for k, (index, _) in enumerate(indexed)}
         return merged, sorted(position[i] for i in straddled)
 
-    def score_stream(self, groups: Iterable[Group], weights: dict[str, float] | None = None) -> Iterator[GroupScore]:
+    def score_stream(
+        self,
+        groups: Iterable[Group],
+        weights: dict[str, float] | None = None,
+        min_versions: dict[str, int] | None = None,
+    ) -> Iterator[GroupScore]:
         """Streams groups as they come (e.g. as a sampler decodes them) and yields each group's
         scores in order, as soon as the server has them. The server scores several at once.
+        ``min_versions``: every message carries it, as ``score``'s calls do (see there); checked
+        here, before anything is sent.
 
         No deadline covers the whole stream (it may last as long as ``groups`` does), but while
         messages are unanswered the server must answer one within ``timeout_s`` (counted from
@@ -301,7 +329,11 @@ class RewardClient:
 
         If ``groups`` raises (or an image cannot be encoded), the stream ends there: the groups
         before it are yielded, then that exception is raised."""
-        yield from StreamRun(self, groups, weights).results()
+        min_versions = check_min_versions(min_versions)
+        return self._stream_results(groups, weights, min_versions)
+
+    def _stream_results(self, groups: Iterable[Group], weights, min_versions: dict[str, int]) -> Iterator[GroupScore]:
+        yield from StreamRun(self, groups, weights, min_versions).results()
 
     def update_discriminator(
         self,
@@ -384,7 +416,9 @@ class RewardClient:
     def _encode_group(self, group: Group, index: int) -> EncodedGroup:
         return encode_group(group, index, self.encoding)
 
-    def _requests(self, encoded: Sequence[EncodedGroup], weights, budget: int) -> Iterator[tuple[ScoreBatch, PartList]]:
-        """Requests of at most ``budget`` bytes and ``max_images_per_call`` images
-        (advgrpo.client.packing.pack_requests)."""
-        return pack_requests(encoded, weights, budget, self.max_images_per_call)
+    def _requests(
+        self, encoded: Sequence[EncodedGroup], weights, budget: int, min_versions: dict[str, int] | None = None
+    ) -> Iterator[tuple[ScoreBatch, PartList]]:
+        """Requests of at most ``budget`` bytes and ``max_images_per_call`` images, each carrying
+        ``weights`` and ``min_versions`` (advgrpo.client.packing.pack_requests)."""
+        return pack_requests(encoded, weights, budget, self.max_images_per_call, min_versions)

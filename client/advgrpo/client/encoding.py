@@ -12,10 +12,11 @@ writes or reads by hand (the health check's, advgrpo.client.health) use the help
 from __future__ import annotations
 
 import logging
+import numbers
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -196,12 +197,35 @@ def group_chunks(number: int, g: EncodedGroup) -> list:
     return [len_field(number, sum(len(b) for b in body)), *body]
 
 
+MAX_VERSION = (1 << 64) - 1  # ScoreRequest.min_versions' values are uint64
+
+
+def check_min_versions(min_versions: Mapping[str, int] | None, argument: str = "min_versions") -> dict[str, int]:
+    """``min_versions`` (model name -> least version the server may score with) as the request
+    carries it; ValueError naming ``argument`` for a name that is not a non-empty string or a
+    version that is not an integer in 0..2**64-1."""
+    if min_versions is None:
+        return {}
+    if not isinstance(min_versions, Mapping):
+        raise ValueError(f"{argument}: expected a mapping of model name -> version, got {type(min_versions).__name__}")
+    out: dict[str, int] = {}
+    for name, version in min_versions.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{argument}: model names must be non-empty strings, got {name!r}")
+        if isinstance(version, bool) or not isinstance(version, numbers.Integral) or not 0 <= version <= MAX_VERSION:
+            raise ValueError(f"{argument}[{name!r}]: a version is an integer >= 0, got {version!r}")
+        out[name] = int(version)
+    return out
+
+
 @dataclass
 class ScoreBatch:
-    """A ScoreRequest as encoded groups, serialised by hand in protobuf's wire format."""
+    """A ScoreRequest as encoded groups, serialised by hand in protobuf's wire format.
+    ``min_versions``: ScoreRequest.min_versions (model -> least version to score with)."""
 
     groups: list[EncodedGroup]
     weights: dict[str, float]
+    min_versions: dict[str, int] = field(default_factory=dict)
 
     def serialize(self) -> bytes:
         chunks: list = []
@@ -210,6 +234,9 @@ class ScoreBatch:
         for key, value in self.weights.items():
             entry = string_field(1, key) + b"\x15" + struct.pack("<f", value)
             chunks.append(len_field(2, len(entry)) + entry)
+        for key, version in self.min_versions.items():  # a map entry: key (1) string, value (2) varint
+            entry = string_field(1, key) + b"\x10" + varint(version)
+            chunks.append(len_field(3, len(entry)) + entry)
         return b"".join(chunks)
 
     def all_groups(self) -> list[EncodedGroup]:
@@ -217,7 +244,7 @@ class ScoreBatch:
 
     def with_groups(self, groups: list[EncodedGroup]) -> "ScoreBatch":
         """The same request with ``groups`` (as many, in ``all_groups``' order) in place of its own."""
-        return ScoreBatch(groups, self.weights)
+        return ScoreBatch(groups, self.weights, self.min_versions)
 
 
 @dataclass

@@ -26,7 +26,11 @@ PartList = list[tuple[int, int]]  # (group index, part number) of each group in 
 
 
 def pack_requests(
-    encoded: Sequence[EncodedGroup], weights: dict[str, float] | None, budget: int, max_images: int
+    encoded: Sequence[EncodedGroup],
+    weights: dict[str, float] | None,
+    budget: int,
+    max_images: int,
+    min_versions: dict[str, int] | None = None,
 ) -> Iterator[tuple[ScoreBatch, PartList]]:
     """Packs groups into requests of at most ``budget`` bytes and ``max_images`` images, in order,
     filling each request image by image: a group that does not fit the room left is split there
@@ -37,8 +41,14 @@ def pack_requests(
     A group with references is one unit, never split: each image is scored against all of them,
     and they count toward the request's bytes and images like images do. It goes whole where it
     fits the room left, else it starts a new request (alone, it goes even if over a limit: the
-    server then refuses it)."""
-    batch = ScoreBatch([], dict(weights or {}))
+    server then refuses it).
+
+    Every request carries ``weights`` and ``min_versions`` (ScoreRequest.min_versions) whole."""
+
+    def new_batch() -> ScoreBatch:
+        return ScoreBatch([], dict(weights or {}), dict(min_versions or {}))
+
+    batch = new_batch()
     parts: PartList = []
     size = count = 0  # bytes and images in ``batch``
     for enc in encoded:
@@ -46,7 +56,7 @@ def pack_requests(
             whole, n = enc.nbytes(), enc.image_count()
             if parts and (size + whole > budget or count + n > max_images):
                 yield batch, parts
-                batch, parts, size, count = ScoreBatch([], dict(weights or {})), [], 0, 0
+                batch, parts, size, count = new_batch(), [], 0, 0
             batch.groups.append(enc)
             parts.append((enc.index, 0))
             size += whole
@@ -64,7 +74,7 @@ def pack_requests(
                 taken += 1
             if taken == start and parts and (start < len(images) or size + head > budget):
                 yield batch, parts  # no room left: the rest goes in a new request
-                batch, parts, size, count = ScoreBatch([], dict(weights or {})), [], 0, 0
+                batch, parts, size, count = new_batch(), [], 0, 0
                 continue
             if taken == start < len(images):  # alone, and still over the budget: it goes anyway
                 piece_size += len(images[taken][3]) + FIELD_OVERHEAD

@@ -68,9 +68,16 @@ class StreamRun:
     (``draw_lock``); a request thread of a failed call may still be waiting for one, and what it
     draws is queued for the next call."""
 
-    def __init__(self, client: "RewardClient", groups: Iterable[Group], weights: dict[str, float] | None):
+    def __init__(
+        self,
+        client: "RewardClient",
+        groups: Iterable[Group],
+        weights: dict[str, float] | None,
+        min_versions: dict[str, int] | None = None,
+    ):
         self.client = client
         self.weights = weights
+        self.min_versions = min_versions or {}  # carried by every message, replays included
         self.groups = iter(groups)
         self.slots = client._stream_slots if client._stream_slots is not None and client.uses_shared_memory() else None
         self.cond = threading.Condition()
@@ -98,7 +105,9 @@ class StreamRun:
                 group = next(self.groups)
                 client = self.client
                 messages = list(
-                    client._requests([client._encode_group(group, index)], self.weights, client.chunk_bytes)
+                    client._requests(
+                        [client._encode_group(group, index)], self.weights, client.chunk_bytes, self.min_versions
+                    )
                 )
             except StopIteration:
                 with self.cond:

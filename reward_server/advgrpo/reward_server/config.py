@@ -163,6 +163,9 @@ class ServerSettings:
     # RESOURCE_EXHAUSTED with a retry hint. Health and reflection are not counted.
     max_concurrent_rpcs: int = 256
     max_update_steps: int = 1000  # optimizer steps one UpdateDiscriminator may ask for
+    # How long a Score waits for the versions its min_versions asks for (an update on its way)
+    # before it fails with FAILED_PRECONDITION.
+    min_version_wait_s: float = 30.0
     # Bearer tokens (advgrpo.reward_server.auth): auth_token is one token with the "update" scope
     # (--auth-token, $ADVGRPO_AUTH_TOKEN); tokens_file holds "TOKEN SCOPE" lines (--tokens-file);
     # tokens the same lines inline ($ADVGRPO_TOKENS). With none, every RPC is open.
@@ -426,6 +429,8 @@ def _validate(server: ServerSettings, models: list[ModelConfig]) -> None:
         )
     if server.max_concurrent_rpcs < 1:
         raise ConfigError(f"server.max_concurrent_rpcs: must be >= 1, got {server.max_concurrent_rpcs}")
+    if not 0 <= server.min_version_wait_s < float("inf"):  # also refuses NaN
+        raise ConfigError(f"server.min_version_wait_s: must be >= 0 and finite, got {server.min_version_wait_s}")
     if not server.max_aspect_ratio >= 1:  # also refuses NaN
         raise ConfigError(f"server.max_aspect_ratio: must be >= 1, got {server.max_aspect_ratio}")
     if server.log_level.upper() not in LOG_LEVELS:

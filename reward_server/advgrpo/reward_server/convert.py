@@ -72,9 +72,12 @@ async def score(host: ModelHost, request: reward_pb2.ScoreRequest) -> reward_pb2
     host.check_groups(request.groups, references=True)
     weights = host.resolve_weights(dict(request.weights))
     host.check_references(request.groups, weights)
+    # The versions asked for (ScoreRequest.min_versions), waited for before decoding: a request
+    # waiting for a discriminator update holds none of the server's decoded-bytes budget.
+    min_versions = await host.reach_min_versions(dict(request.min_versions))
     with host.decoded_bytes_held() as ticket:
         (groups,) = await decode_request(host, [("groups", request.groups)], ticket, references=True)
-        results = await host.score(groups, weights)
+        results = await host.score(groups, weights, min_versions)
     return score_response(results)
 
 

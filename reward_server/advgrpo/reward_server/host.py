@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -155,6 +155,10 @@ class ModelHost:
         # Image bytes from clients on this host, through /dev/shm (see shared_memory.py).
         self.shared_memory = SharedMemoryReader() if config.server.shared_memory else None
         self.watch = ScoreWatch([m.name for m in config.models], self.metrics)
+        # Requests waiting in ``catch_up`` for a model's version to rise (``min_versions``): each
+        # is woken after every version change and looks again. Futures of the running loop, not
+        # one asyncio.Condition, so that the host may serve one event loop after another.
+        self._version_waiters: set[asyncio.Future] = set()
         self._hosted: dict[str, _Hosted] = {}
         for cfg in config.models:
             model = models[cfg.name]
@@ -299,10 +303,20 @@ class ModelHost:
         finally:
             ticket.release()
 
-    async def score(self, groups: Sequence[GroupInput], weights: dict[str, float]) -> list[GroupScore]:
+    async def score(
+        self,
+        groups: Sequence[GroupInput],
+        weights: dict[str, float],
+        min_versions: Mapping[str, int] | None = None,
+    ) -> list[GroupScore]:
+        """Scores ``groups`` with ``weights`` (empty: the default spec). ``min_versions`` (model ->
+        least version, ScoreRequest.min_versions): scored with at least those versions, waiting
+        for them first (``reach_min_versions``; the front ends wait before decoding, so that this
+        wait is then already over)."""
         weights = self.resolve_weights(weights)
         self.check_groups(groups, references=True)
         self.check_references(groups, weights)
+        required = await self.reach_min_versions(min_versions)
         where = [f"groups[{i}] (group_id {g.group_id!r})" for i, g in enumerate(groups)]
         for name in weights:
             self._hosted[name].model.validate([g.prompt for g in groups], where)
@@ -313,6 +327,7 @@ class ModelHost:
             items += [(img, g.prompt, refs) for img in g.images]
         per_model = await _gather_or_cancel([self._hosted[name].batcher.submit(items) for name in weights])
         self._check_finite(groups, weights, per_model)
+        self._check_versions(weights, per_model, required)
         results: list[GroupScore] = []
         offset = 0
         for g in groups:
@@ -359,6 +374,105 @@ class ModelHost:
                             "no reward is sent for this request"
                         )
                 offset += len(g.images)
+
+    def _check_versions(self, weights: dict[str, float], per_model, required: dict[str, int]) -> None:
+        """No score below a version ``min_versions`` asked for is sent. Updates only raise a version
+        and the request was enqueued once every version was reached, so this never fires; it
+        guards the rule should that ever change."""
+        for name, scored in zip(weights, per_model, strict=True):
+            if name in required and scored:
+                lowest = min(v for _, v in scored)
+                if lowest < required[name]:
+                    raise FailedPrecondition(
+                        f"min_versions[{name!r}]: version {required[name]} required, but model {name!r} scored this "
+                        f"request with version {lowest}; no reward is sent for it"
+                    )
+
+    # ------------------------------------------------------------------ the consistency rule: min_versions
+
+    def check_min_versions(self, min_versions: Mapping[str, int] | None) -> dict[str, int]:
+        """A request's ``min_versions`` (model -> least version), checked before any waiting or
+        decoding: every name a served model (NOT_FOUND), every version an int >= 0 (the wire's
+        uint64 always is; INVALID_ARGUMENT for a direct caller's), and a model that cannot be
+        trained already at least there (FAILED_PRECONDITION at once: no update will raise it)."""
+        required: dict[str, int] = {}
+        for name, version in (min_versions or {}).items():
+            field_name = f"min_versions[{name!r}]"
+            if name not in self._hosted:
+                raise NotFound(f"{field_name}: model {name!r} is not served here (models: {', '.join(self._hosted)})")
+            if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+                raise InvalidArgument(f"{field_name}: a version is an integer >= 0, got {version!r}")
+            model = self._hosted[name].model
+            trainable = isinstance(model, TrainableRewardModel) and model.trainable
+            if not trainable and model.version < version:
+                raise FailedPrecondition(
+                    f"{field_name}: version {version} required, but model {name!r} is not trainable and serves "
+                    f"version {model.version} for good"
+                )
+            required[name] = version
+        return required
+
+    async def reach_min_versions(self, min_versions: Mapping[str, int] | None) -> dict[str, int]:
+        """Checks ``min_versions`` (``check_min_versions``), then awaits ``catch_up`` for each model
+        serving a version below its minimum, all within one ``server.min_version_wait_s``. Returns
+        the checked minimums; costs nothing when every model is there already. Once it returns,
+        a request scored from here on sees those versions or newer (a version only rises, and
+        a request is scored by one version per model: the batcher's barrier)."""
+        required = self.check_min_versions(min_versions)
+        wait_s = self.config.server.min_version_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        for name, version in required.items():
+            model = self._hosted[name].model
+            if model.version >= version:
+                continue
+            log.debug("a request waits for version %d of %s (serving %d)", version, name, model.version)
+            await self.catch_up(name, version, max(0.0, deadline - loop.time()))
+            if model.version < version:  # a replaced hook that returned without it
+                raise FailedPrecondition(
+                    f"min_versions[{name!r}]: version {version} required, but model {name!r} serves version "
+                    f"{model.version} after waiting {wait_s:g} s (server.min_version_wait_s)"
+                )
+        return required
+
+    async def catch_up(self, name: str, required: int, timeout_s: float) -> None:
+        """The hook ``min_versions`` calls for a trainable model ``name`` serving a version below
+        ``required``: returns once it serves ``required`` or newer, or raises FailedPrecondition
+        after ``timeout_s`` (what is left of ``server.min_version_wait_s``).
+
+        This default waits for an UpdateDiscriminator of this host to raise the version (woken
+        after each acknowledged update). Another backend replaces it with a coroutine function of
+        the same signature, either by assigning the instance's attribute
+        (``host.catch_up = replica.catch_up``) or by overriding it in a subclass: a scoring replica
+        of the Ray backend replaces this with a fetch from the discriminator's owner
+        (advgrpo.reward_server.ray_serve.replica)."""
+        model = self._hosted[name].model
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while model.version < required:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            woken = loop.create_future()
+            self._version_waiters.add(woken)
+            try:
+                await asyncio.wait_for(woken, left)
+            except TimeoutError:
+                break
+            finally:
+                self._version_waiters.discard(woken)
+        if model.version < required:
+            raise FailedPrecondition(
+                f"min_versions[{name!r}]: version {required} required, but model {name!r} serves version "
+                f"{model.version} after waiting {timeout_s:g} s (server.min_version_wait_s); update the "
+                "discriminator first"
+            )
+
+    def _version_raised(self) -> None:
+        """Wakes every ``catch_up`` waiting: a model's version has just risen."""
+        for woken in list(self._version_waiters):
+            if not woken.done():
+                woken.set_result(None)
 
     def _batch_fn(self, name: str, model: RewardModel):
         def run(items: list[tuple[np.ndarray, str, References | None]]) -> list[tuple[float, int]]:
@@ -473,6 +587,7 @@ class ModelHost:
 
         outcome = await h.batcher.run_exclusive(run)
         if not outcome.replayed:
+            self._version_raised()
             m = self.metrics
             m.updates.labels(model_name).inc()
             m.model_version.labels(model_name).set(outcome.version)
@@ -514,6 +629,7 @@ class ModelHost:
 
         installed = await h.batcher.run_exclusive(install)
         if installed:
+            self._version_raised()
             self.metrics.model_version.labels(model_name).set(version)
             self._record_stats(model_name, h.model)
         return installed

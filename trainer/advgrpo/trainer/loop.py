@@ -49,7 +49,7 @@ from advgrpo.trainer.references import (
     load_reference_image,
     load_reference_set,
 )
-from advgrpo.trainer.rewards import RewardStream, score_epoch, zero_variance_share
+from advgrpo.trainer.rewards import RewardStream, VersionFloor, score_epoch, zero_variance_share
 from advgrpo.trainer.sampling import Conditioning, Trajectory, sample_with_logprobs, step_log_prob
 from advgrpo.trainer.schedule import DiscriminatorSchedule
 from advgrpo.trainer.sde import check_trainable_steps, kl_to_reference, sde_window, trained_steps
@@ -167,6 +167,9 @@ class AdvGrpoTrainer:
             if not models[disc].trainable:
                 raise ConfigError(f"adversarial.discriminator: {disc!r} on {r.server} is not trainable")
         self.server_models = models
+        # Every score call asks for at least these versions (ScoreRequest.min_versions): the
+        # trainable models' versions now, each raised by the trainer's own updates.
+        self.version_floor = VersionFloor({m.name: m.version for m in models.values() if m.trainable})
         log.info("reward server %s: image bytes go through %s", r.server, via)
         if disc and self.cfg.adversarial.schedule != "off" and not self.client.uses_shared_memory():
             self._check_update_size()
@@ -402,7 +405,9 @@ class AdvGrpoTrainer:
         t0 = time.perf_counter()
         # The epoch's references depend only on its prompts: score them while the batches sample.
         refs_future = self._ref_pool.submit(self._score_references, epoch) if disc else None
-        stream = RewardStream(self.client, self.score_weights, overlap=cfg.reward.overlap)
+        stream = RewardStream(
+            self.client, self.score_weights, overlap=cfg.reward.overlap, min_versions=self.version_floor.min_versions()
+        )
         self._submitted: list[list[int]] = []
         samples = self.sample_epoch(epoch, stream)
         t_sample = time.perf_counter() - t0 - (0 if cfg.reward.overlap else stream.wait_s)
@@ -516,7 +521,9 @@ class AdvGrpoTrainer:
             return 0.0, 0
         groups = [g for i, c in share for g in self._load_references([c], first=i)]
         disc = self.cfg.adversarial.discriminator
-        values = [v for s in self.client.score(groups, {disc: 1.0}) for v in s.components[disc]]
+        scored = self.client.score(groups, {disc: 1.0}, self.version_floor.min_versions())
+        self.version_floor.check(scored)
+        values = [v for s in scored for v in s.components[disc]]
         return float(np.sum(values, dtype=np.float64)), len(values)
 
     def _gather_to_main(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -551,6 +558,7 @@ class AdvGrpoTrainer:
                 update_id=f"{self.cfg.run.output_dir}:{epoch}:{derived_seed(self.cfg.run.seed, epoch)}",
             )
             self.state.discriminator_versions[disc] = result.version
+            self.version_floor.raise_to(disc, result.version)
             out = {
                 "d_loss": result.loss,
                 "d_accuracy": result.accuracy,
@@ -561,7 +569,14 @@ class AdvGrpoTrainer:
                 "d_generated": len(images),
                 "d_generated_prompts": {self.prompts[p]: len(imgs) for p, imgs in by_prompt.items()},
             }
-        # The next epoch's rewards on every rank must come from the updated discriminator.
+        # The next epoch's rewards on every rank must come from the updated discriminator: every
+        # rank asks for the version the main process's update returned.
+        if self.world > 1:
+            from accelerate.utils import broadcast
+
+            version = self.version_floor.min_versions()[disc]
+            version = int(broadcast(torch.tensor([version], dtype=torch.int64, device=self.device), 0).item())
+            self.version_floor.raise_to(disc, version)
         self.accelerator.wait_for_everyone()
         return out
 
@@ -697,7 +712,7 @@ class AdvGrpoTrainer:
         groups = [
             Group(p, [img], f"eval-{i}") for i, (p, img) in enumerate(zip(self.eval_prompts, images, strict=True))
         ]
-        scored = self.client.score(groups, weights)
+        scored = self.client.score(groups, weights, self.version_floor.min_versions())
         out = {"eval_reward_mean": float(np.mean([s.rewards[0] for s in scored]))}
         for k in weights:
             out[f"eval_reward_{k}_mean"] = float(np.mean([s.components[k][0] for s in scored]))
@@ -716,7 +731,8 @@ class AdvGrpoTrainer:
                 if g.prompt in refs.images
             ]
             if with_refs:
-                values = [s.components[sim][0] for s in self.client.score(with_refs, {sim: 1.0})]
+                similar = self.client.score(with_refs, {sim: 1.0}, self.version_floor.min_versions())
+                values = [s.components[sim][0] for s in similar]
                 out["eval_similarity_mean"] = float(np.mean(values))
                 out["eval_similarity_images"] = len(values)
         return out
@@ -779,6 +795,14 @@ class AdvGrpoTrainer:
             self.ema.load_state_dict(ema_state)
         self.state = state
         log.info("resumed from %s at epoch %d (step %d)", directory, state.epoch, state.global_step)
+        for model, version in state.discriminator_versions.items():
+            serving = self.server_models[model].version if model in self.server_models else None
+            if serving is not None and serving < version:
+                log.warning(
+                    "--resume: the checkpoint's run had %s at version %d, but %s serves version %d (its state "
+                    "was lost or replaced?): rewards come from that older discriminator",
+                    model, version, self.cfg.reward.server, serving,
+                )  # fmt: skip
 
 
 @dataclass

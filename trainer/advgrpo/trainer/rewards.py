@@ -4,6 +4,10 @@
 ``ScoreStream`` call, so the server scores while the trainer samples the next batch; ``collect``
 waits for the answers, in submission order. With ``overlap=False`` every group is scored with a
 blocking unary call instead (the baseline the overlap is measured against).
+
+``VersionFloor`` is the consistency rule's side here: every score call carries the version of
+each trainable model the trainer last saw acknowledged (ScoreRequest.min_versions), so that no
+epoch's groups are scored by an older discriminator.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import grpc
 
@@ -23,10 +27,57 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
+class VersionFloor:
+    """The least version of each trainable reward model the trainer's rewards may come from: the
+    version it had when the trainer started (ListModels), raised to the version each acknowledged
+    update returns. ``min_versions()`` goes with every score call (ScoreRequest.min_versions): a
+    server, or a replica of one, that has not applied the update yet applies it first, so that
+    no epoch's groups are scored by an older discriminator."""
+
+    def __init__(self, versions: Mapping[str, int] | None = None):
+        self._versions: dict[str, int] = {}
+        for model, version in (versions or {}).items():
+            self.raise_to(model, version)
+
+    def raise_to(self, model: str, version: int) -> None:
+        """``model`` is at ``version`` now (an update's answer); a floor never goes down."""
+        self._versions[model] = max(self._versions.get(model, 0), int(version))
+
+    def min_versions(self) -> dict[str, int]:
+        """What a score call sends: model name -> least version (a copy)."""
+        return dict(self._versions)
+
+    def check(self, scores: Sequence[GroupScore]) -> None:
+        """``check_versions`` against this floor."""
+        check_versions(scores, self._versions)
+
+
+def check_versions(scores: Sequence[GroupScore], min_versions: Mapping[str, int]) -> None:
+    """RuntimeError if a model produced a score with a version below ``min_versions``: our server
+    never does, but one older than the field ignores it, and such a reward is not trained on."""
+    for s in scores:
+        for model, least in min_versions.items():
+            got = s.model_versions.get(model)
+            if got is not None and got < least:
+                raise RuntimeError(
+                    f"group {s.group_id!r}: model {model!r} scored it with version {got}, below version {least} "
+                    "that the trainer asked for (min_versions); the reward server ignored it"
+                )
+
+
 class RewardStream:
-    def __init__(self, client: RewardClient, weights: dict[str, float], overlap: bool = True):
+    def __init__(
+        self,
+        client: RewardClient,
+        weights: dict[str, float],
+        overlap: bool = True,
+        min_versions: dict[str, int] | None = None,
+    ):
+        """``min_versions``: sent with every group (``VersionFloor.min_versions()``), and the
+        scores checked against it."""
         self.client = client
         self.weights = weights
+        self.min_versions = dict(min_versions or {})
         self.overlap = overlap
         self._results: list[GroupScore] = []
         self._submitted = 0
@@ -45,7 +96,7 @@ class RewardStream:
 
     def _run(self) -> None:
         try:
-            for score in self.client.score_stream(self._requests(), self.weights):
+            for score in self.client.score_stream(self._requests(), self.weights, self.min_versions):
                 self._results.append(score)
         except BaseException as exc:  # re-raised in the trainer's thread by collect()
             self._error = exc
@@ -59,7 +110,7 @@ class RewardStream:
         elif self._error is None:  # after a failure the epoch is scored again whole (score_epoch)
             t0 = time.perf_counter()
             try:
-                self._results.extend(self.client.score([group], self.weights))
+                self._results.extend(self.client.score([group], self.weights, self.min_versions))
             except (grpc.RpcError, RuntimeError) as exc:  # raised by collect(), like the stream's
                 self._error = exc
             self.wait_s += time.perf_counter() - t0
@@ -75,6 +126,7 @@ class RewardStream:
             raise self._error
         if len(self._results) != self._submitted:
             raise RuntimeError(f"reward server answered {len(self._results)} of {self._submitted} groups")
+        check_versions(self._results, self.min_versions)
         return self._results
 
 
@@ -111,7 +163,9 @@ def score_epoch(
         wait = min(wait * 2, 30.0)
         attempt += 1
         try:
-            return stream.client.score(stream.groups, stream.weights)
+            scores = stream.client.score(stream.groups, stream.weights, stream.min_versions)
+            check_versions(scores, stream.min_versions)
+            return scores
         except (grpc.RpcError, RuntimeError) as exc:
             failure = exc
 

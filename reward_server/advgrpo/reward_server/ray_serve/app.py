@@ -17,6 +17,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from advgrpo.common.errors import ConfigError
 from advgrpo.reward_server.config import ServerConfig, config_mapping, load_config
 from advgrpo.reward_server.ray_serve.ingress import RewardIngress
 from advgrpo.reward_server.ray_serve.replica import OWNER, DiscriminatorOwner, ScoringReplica
@@ -24,6 +25,18 @@ from advgrpo.reward_server.ray_serve.replica import OWNER, DiscriminatorOwner, S
 INGRESS = "RewardIngress"
 # Long polls from every scoring replica wait at the owner: they must not count as its load.
 OWNER_MAX_ONGOING = 1000
+
+
+def check_durable(config: ServerConfig) -> None:
+    """Trainable models on this backend need a state dir: Serve restarts a failed owner on its own,
+    and without the durable state it would come back at version 0 behind its replicas, with every
+    acknowledged update lost."""
+    trainable = [m.name for m in config.models if m.trainable]
+    if trainable and config.server.state_dir is None:
+        raise ConfigError(
+            f"--backend ray with trainable models ({', '.join(trainable)}) needs --state-dir (server.state_dir): "
+            "the discriminator owner restarts from it, so that no acknowledged update is lost"
+        )
 
 
 def build_application(config: ServerConfig) -> Application:
@@ -97,4 +110,6 @@ def app_builder(args: dict[str, Any]) -> Application:
     if "replicas" in args:
         overrides["ray"] = {"replicas": int(args["replicas"])}
     preset = args.get("preset") or (None if args.get("config") else "sd3-adv")
-    return build_application(load_config(preset, args.get("config"), overrides))
+    config = load_config(preset, args.get("config"), overrides)
+    check_durable(config)
+    return build_application(config)

@@ -169,7 +169,13 @@ class RayHost:
         by_deployment: dict[str, list[str]] = {}
         for name in weights:
             by_deployment.setdefault(self._deployment_of[name], []).append(name)
-        if len(by_deployment) == 1 and all(self._deployment_of[n] in by_deployment for n in request.min_versions):
+        # A model named in min_versions that does not score this request: its version must exist
+        # (as on a single server, which waits for it all the same); the others wait in their replica.
+        unscored = {n: v for n, v in request.min_versions.items() if n not in weights and v > 0}
+        if unscored:
+            await self._await_published(unscored)
+        whole = len(by_deployment) == 1 and all(self._deployment_of[n] in by_deployment for n in request.min_versions)
+        if whole:  # the request as it came: one deployment hosts every model it names
             (deployment,) = by_deployment
             payload = raw if raw is not None else request.SerializeToString()
             response = reward_pb2.ScoreResponse.FromString(await self._call_scorer(deployment, payload))
@@ -184,6 +190,24 @@ class RayHost:
             response = _combine(weights, [reward_pb2.ScoreResponse.FromString(a) for a in answers])
         self._record_scores(weights, response)
         return response
+
+    async def _await_published(self, required: dict[str, int]) -> None:
+        wait_s = self.config.server.min_version_wait_s
+        for name, version in required.items():
+            if version <= self._versions[name]:
+                continue
+            if not self._models[name].trainable or self._owner is None:
+                raise FailedPrecondition(
+                    f"min_versions[{name!r}]: version {version} required, but model {name!r} is not trainable and "
+                    f"serves version {self._versions[name]} for good"
+                )
+            have = await self._remote(self._owner.wait_published, "DiscriminatorOwner", name, version, wait_s)
+            self._versions[name] = max(self._versions[name], have)
+            if have < version:
+                raise FailedPrecondition(
+                    f"min_versions[{name!r}]: version {version} required, but the discriminator's owner has version "
+                    f"{have} after waiting {wait_s:g} s (server.min_version_wait_s); update the discriminator first"
+                )
 
     def _read_your_writes(self, request: reward_pb2.ScoreRequest, weights: dict[str, float]) -> dict[str, int]:
         """The versions this ingress knows to be acknowledged, for the trainable models that
@@ -203,7 +227,7 @@ class RayHost:
         part.groups.extend(groups)
         for name in names:
             part.weights[name] = weights[name]
-            if name in min_versions:
+            if name in min_versions:  # only its own models: the replica hosts no other
                 part.min_versions[name] = min_versions[name]
         return part.SerializeToString()
 

@@ -15,7 +15,7 @@ import ray
 from ray import serve
 
 from advgrpo.reward_server.config import ServerConfig
-from advgrpo.reward_server.ray_serve.app import build_application
+from advgrpo.reward_server.ray_serve.app import build_application, check_durable
 
 log = logging.getLogger("advgrpo.reward_server.ray")
 
@@ -34,6 +34,7 @@ def _logical_cpus(config: ServerConfig) -> int:
 
 
 def run(config: ServerConfig, ready_file: Path | None = None) -> None:
+    check_durable(config)  # before Ray starts
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
     started_here = address is None
     if started_here:

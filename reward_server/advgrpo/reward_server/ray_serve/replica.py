@@ -125,6 +125,19 @@ class DiscriminatorOwner:
             p = self._published[name]
         return p.version, ([p.ref] if p.version > have else None)
 
+    async def wait_published(self, name: str, at_least: int, timeout_s: float) -> int:
+        """The published version of ``name`` once it is ``at_least`` (or after ``timeout_s``)."""
+        if name not in self._published:
+            raise FailedPrecondition(f"model {name!r} is not trainable here")
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._published[name].version >= at_least), timeout_s
+                )
+            except asyncio.TimeoutError:
+                pass
+            return self._published[name].version
+
     async def status(self) -> dict:
         """Published versions, and each replica's last report (a replica reports at least every
         ray.sync_poll_s; one silent for three of those is left out)."""
