@@ -195,6 +195,19 @@ def test_no_response_mixes_versions_while_updates_land(server, client):
     assert min(seen) >= first and max(seen) <= first + 5
 
 
+def test_min_versions_of_a_model_that_does_not_score_the_request_still_holds(server, client):
+    """A request scored by the "slow" deployment alone, naming dino's version: met at once when
+    acknowledged, FAILED_PRECONDITION after the wait when the owner never gets there."""
+    version = dino_version(client)
+    assert client.score(probe(5), {"slow": 1.0}, {"dino": version})[0].components["slow"] == [0.5, 0.5]
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        client.score(probe(5), {"slow": 1.0}, {"dino": version + 3})
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "dino" in info.value.details() and str(version + 3) in info.value.details()
+    assert time.monotonic() - t0 >= WAIT_S - 0.5
+
+
 def test_a_request_across_two_deployments_combines_their_components(server, client):
     groups = probe(3, groups=2)
     both = client.score(groups, {"dino": 2.0, "slow": 0.5})
