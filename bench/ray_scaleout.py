@@ -18,7 +18,10 @@ For each server (started as a user starts it, ``advgrpo-reward-server ...``, the
 On 2 cores, two replicas compete with each other, the ingress, the owner and the clients for the
 same two cores: expect no gain, and read the numbers as the cost of the path, not of a cluster.
 
-Run: ``python -m bench.ray_scaleout [--quick]`` (~4 minutes on 2 cores; --quick ~2). Writes
+The Ray replicas run torch with one thread (Ray sets OMP_NUM_THREADS to a replica's ``num_cpus``),
+so the single process is measured twice, with torch's default threads and with one.
+
+Run: ``python -m bench.ray_scaleout [--quick]`` (~10 minutes on 2 cores; --quick ~4). Writes
 bench/results/ray_scaleout.json and prints a markdown table.
 """
 
@@ -140,10 +143,10 @@ def measure(name: str, args: list[str], opts) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    base = {k: results[0]["latency"][k]["median_ms"] for k in ("light", "full")}
+    base = {k: results[1]["latency"][k]["median_ms"] for k in ("light", "full")}  # 1 thread, like a replica
     lines = [
-        "| server | start (s) | 1 client, light: median / p90 ms (vs single) | 1 client, full: median / p90 ms "
-        f"(vs single) | full, images/s, {results[0]['throughput']['clients']} clients | "
+        "| server | start (s) | 1 client, light: median / p90 ms (vs single, 1 thread) | 1 client, full: median / "
+        f"p90 ms (vs single, 1 thread) | full, images/s, {results[0]['throughput']['clients']} clients | "
         "update -> all replicas: median / max ms |",
         "|---|---|---|---|---|---|",
     ]
@@ -167,21 +170,27 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=8)
     opts = p.parse_args(argv)
     opts.requests, opts.seconds, opts.updates = (10, 8.0, 5) if opts.quick else (40, 20.0, 20)
+    # Ray gives each replica OMP_NUM_THREADS = its num_cpus (1 here): torch runs one thread per
+    # replica. The single process with one torch thread is the like-for-like baseline.
+    one_thread = Path(tempfile.mkdtemp(prefix="advgrpo-bench-")) / "one-thread.yaml"
+    one_thread.write_text("server: {torch_threads: 1}\n")
     servers = [
         ("single process", []),
+        ("single process, 1 torch thread", ["--config", str(one_thread)]),
         ("ray, 1 replica", ["--backend", "ray", "--replicas", "1"]),
         ("ray, 2 replicas", ["--backend", "ray", "--replicas", "2"]),
     ]
     results = [measure(name, args, opts) for name, args in servers]
-    single, ray2 = results[0]["throughput"]["images_per_s"], results[2]["throughput"]["images_per_s"]
+    single, ray2 = results[1]["throughput"]["images_per_s"], results[3]["throughput"]["images_per_s"]
     report = {
         "machine": machine_info(),
         "quick": opts.quick,
         "weights": WEIGHTS,
         "results": results,
         "ray_2_replicas_over_single_throughput": round(ray2 / single, 3) if single else None,
+        # Against the single process with as many torch threads as a replica (one).
         "ray_1_replica_latency_overhead_ms": {
-            k: round(results[1]["latency"][k]["median_ms"] - results[0]["latency"][k]["median_ms"], 2)
+            k: round(results[2]["latency"][k]["median_ms"] - results[1]["latency"][k]["median_ms"], 2)
             for k in ("light", "full")
         },
         "median_propagation_ms": statistics.median(

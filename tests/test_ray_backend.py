@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
+pytest.importorskip("ray", reason="the Ray backend needs advgrpo-reward-server[ray]")
+
 from advgrpo.client import Group, RewardClient
 from advgrpo.common.process import ServerProcess
 from advgrpo.reward.v1 import reward_pb2, reward_pb2_grpc
@@ -35,11 +37,13 @@ CONFIG = f"""
 server:
   min_version_wait_s: {WAIT_S}
 models:
+  ocr: null               # not needed here: replicas start sooner
+  dino_similarity: null
   slow: {{kind: noop, params: {{value: 0.5, delay_ms: {SLOW_MS}}}, batching: {{max_delay_ms: 0}}}}
 ray:
   sync_poll_s: 1.0
   deployments:
-    rewards: {{models: [dino, pickscore, ocr, dino_similarity]}}
+    rewards: {{models: [dino, pickscore]}}
     slow: {{models: [slow], num_replicas: 1, max_ongoing_requests: 1, max_queued_requests: 1, num_cpus: 0.5}}
 """
 
@@ -193,6 +197,24 @@ def test_no_response_mixes_versions_while_updates_land(server, client):
         assert len({g.model_versions["pickscore"] for g in response}) == 1
     seen = {g.model_versions["dino"] for r in responses for g in r}
     assert min(seen) >= first and max(seen) <= first + 5
+
+
+def test_concurrent_updates_publish_every_version_and_never_go_back(server, client):
+    """Updates of one model from several clients at once: each acknowledged version is served
+    (a publish that finishes late never replaces a newer one)."""
+    before = dino_version(client)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        acked = sorted(pool.map(lambda k: update(client, 60 + k).version, range(9)))
+    assert acked == list(range(before + 1, before + 10))
+    last = acked[-1]
+    wait_for(
+        lambda: all(r["versions"]["dino"] == last for r in scoring_replicas(server).values()),
+        15,
+        f"every replica at version {last}",
+    )
+    assert ray_status(server)["owner"]["versions"]["dino"] == last
+    scored = client.score(probe(6), {"dino": 1.0}, {"dino": last})
+    assert scored[0].model_versions["dino"] == last
 
 
 def test_min_versions_of_a_model_that_does_not_score_the_request_still_holds(server, client):

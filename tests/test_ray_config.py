@@ -9,14 +9,17 @@ import sys
 
 import pytest
 import yaml
-from ray.serve._private.build_app import build_app
-from ray.serve.schema import ServeDeploySchema
 
-from advgrpo.common.errors import ConfigError
-from advgrpo.reward_server.config import build_config, config_mapping, load_config
-from advgrpo.reward_server.ray_serve.app import app_builder, build_application
+pytest.importorskip("ray", reason="the Ray backend needs advgrpo-reward-server[ray]")
 
-from .conftest import REPO
+from ray.serve._private.build_app import build_app  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from advgrpo.common.errors import ConfigError  # noqa: E402
+from advgrpo.reward_server.config import build_config, config_mapping, load_config  # noqa: E402
+from advgrpo.reward_server.ray_serve.app import app_builder, build_application  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
 
 SERVE_CONFIG = REPO / "docker/ray/serve-config.yaml"
 RAYSERVICE = REPO / "docker/ray/rayservice.yaml"

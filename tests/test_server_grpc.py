@@ -30,6 +30,7 @@ def tiny_server(request, tmp_path_factory):
     """The tiny preset with a state dir, on each backend (this module's contract tests run on both)."""
     args = ["--preset", "tiny", "--state-dir", str(tmp_path_factory.mktemp("state"))]
     if request.param == "ray":
+        pytest.importorskip("ray", reason="the Ray backend needs advgrpo-reward-server[ray]")
         args += ["--backend", "ray", "--replicas", "2"]
     server = ServerProcess(args, timeout_s=300)
     yield server

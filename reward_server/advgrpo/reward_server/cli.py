@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"advgrpo-reward-server: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # a signal while the application was still deploying
+            return 130
         return 0
     from advgrpo.reward_server.server import run  # imports torch & friends: after argument errors are out of the way
 

@@ -251,23 +251,7 @@ class ModelHost:
     # ------------------------------------------------------------------ scoring
 
     def check_groups(self, groups: Sequence, field_name: str = "groups", references: bool = False) -> None:
-        """Group-level checks; works on GroupInput and on wire ImageGroup alike (before decoding).
-        ``references``: the groups' reference images count toward the image limit too (Score;
-        UpdateDiscriminator ignores ImageGroup.references)."""
-        if not groups:
-            raise InvalidArgument(f"{field_name}: no image groups")
-        total = refs = 0
-        for i, g in enumerate(groups):
-            if not g.images:
-                raise InvalidArgument(f"{field_name}[{i}] (group_id {g.group_id!r}): empty group, no images")
-            total += len(g.images)
-            if references:
-                refs += len(g.references)
-        total += refs
-        limit = self.config.server.max_images_per_request
-        if total > limit:
-            of_which = f" ({refs} of them references)" if refs else ""
-            raise ResourceExhausted(f"{field_name}: {total} images in one request{of_which}, the limit is {limit}")
+        check_groups(self.config, groups, field_name, references)
 
     def check_references(self, groups: Sequence, weights: dict[str, float]) -> None:
         """Every group has references if a model of ``weights`` (resolved: named with any weight, or
@@ -623,7 +607,12 @@ class ModelHost:
         def install() -> bool:
             if version <= h.model.version:
                 return False
-            h.model.import_state(tensors, meta)
+            snapshot = _clone_state(h.model.export_state())
+            try:
+                h.model.import_state(tensors, meta)
+            except BaseException:
+                h.model.import_state(*snapshot)  # half-imported weights never serve under the old version
+                raise
             h.model.version = version
             return True
 
@@ -686,6 +675,26 @@ def weighted_rewards(
             "no reward is sent for this request"
         )
     return combined.tolist()
+
+
+def check_groups(config: ServerConfig, groups: Sequence, field_name: str = "groups", references: bool = False) -> None:
+    """Group-level checks; works on GroupInput and on wire ImageGroup alike (before decoding).
+    ``references``: the groups' reference images count toward the image limit too (Score;
+    UpdateDiscriminator ignores ImageGroup.references)."""
+    if not groups:
+        raise InvalidArgument(f"{field_name}: no image groups")
+    total = refs = 0
+    for i, g in enumerate(groups):
+        if not g.images:
+            raise InvalidArgument(f"{field_name}[{i}] (group_id {g.group_id!r}): empty group, no images")
+        total += len(g.images)
+        if references:
+            refs += len(g.references)
+    total += refs
+    limit = config.server.max_images_per_request
+    if total > limit:
+        of_which = f" ({refs} of them references)" if refs else ""
+        raise ResourceExhausted(f"{field_name}: {total} images in one request{of_which}, the limit is {limit}")
 
 
 def not_served(name: str, served) -> NotFound:

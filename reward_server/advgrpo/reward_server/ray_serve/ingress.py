@@ -18,14 +18,21 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import Gauge
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, OwnerDiedError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from advgrpo.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from advgrpo.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from advgrpo.common.results import ModelInfo, UpdateResult
 from advgrpo.reward.v1 import reward_pb2
 from advgrpo.reward_server.config import ServerConfig, build_config
-from advgrpo.reward_server.host import Event, _gather_or_cancel, not_served, resolve_weights, weighted_rewards
+from advgrpo.reward_server.host import (
+    Event,
+    _gather_or_cancel,
+    check_groups,
+    not_served,
+    resolve_weights,
+    weighted_rewards,
+)
 from advgrpo.reward_server.metrics import ServerMetrics
 from advgrpo.reward_server.ray_serve import replies
 from advgrpo.reward_server.score_watch import ScoreWatch
@@ -35,6 +42,7 @@ log = logging.getLogger("advgrpo.reward_server.ray")
 
 BACKPRESSURE_RETRY_S = 0.1  # the hint with a refusal because every replica's queue is full
 STATUS_POLL_S = 1.0  # how often the ingress asks the owner for versions and replica reports
+OWNER_STATUS_TIMEOUT_S = 5.0  # a status call while the owner restarts: answer from what is known
 
 
 class RayHost:
@@ -130,7 +138,10 @@ class RayHost:
 
     async def describe_models(self) -> list[ModelInfo]:
         if self._owner is not None:
-            await self.refresh()  # the owner's versions, not the last ones this ingress saw
+            try:  # the owner's versions, not the last ones this ingress saw
+                await asyncio.wait_for(self.refresh(), OWNER_STATUS_TIMEOUT_S)
+            except (asyncio.TimeoutError, Unavailable) as exc:  # restarting: the versions known here
+                log.warning("ListModels: the discriminator owner did not answer (%r); versions as last known", exc)
         return self.list_models()
 
     def queue_depth(self, name: str) -> int:
@@ -158,9 +169,14 @@ class RayHost:
         return self._models[name]
 
     async def score_message(self, request: reward_pb2.ScoreRequest, raw: bytes | None = None):
+        # The single server's checks, in its order, before anything waits or is sent on.
+        check_groups(self.config, request.groups, references=True)
         weights = resolve_weights(self.config, dict(request.weights))
         for name in request.min_versions:
-            self._model(name, "min_versions")
+            if name not in self._models:
+                raise NotFound(
+                    f"min_versions[{name!r}]: model {name!r} is not served here (models: {', '.join(self._models)})"
+                )
         floor = self._read_your_writes(request, weights)
         if floor:
             request.min_versions.update(floor)
@@ -201,7 +217,15 @@ class RayHost:
                     f"min_versions[{name!r}]: version {version} required, but model {name!r} is not trainable and "
                     f"serves version {self._versions[name]} for good"
                 )
-            have = await self._remote(self._owner.wait_published, "DiscriminatorOwner", name, version, wait_s)
+            try:
+                have = await asyncio.wait_for(
+                    self._remote(self._owner.wait_published, "DiscriminatorOwner", name, version, wait_s), wait_s + 5
+                )
+            except asyncio.TimeoutError:
+                raise Unavailable(
+                    f"min_versions[{name!r}]: the discriminator's owner did not answer in {wait_s:g} s; retry",
+                    retry_after_s=1.0,
+                ) from None
             self._versions[name] = max(self._versions[name], have)
             if have < version:
                 raise FailedPrecondition(
@@ -257,7 +281,15 @@ class RayHost:
                 "(ray.deployments.*.max_queued_requests); retry later",
                 retry_after_s=BACKPRESSURE_RETRY_S,
             ) from None
-        except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError) as exc:
+        except (
+            ActorDiedError,
+            ActorUnavailableError,
+            RayActorError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+            ObjectLostError,
+            OwnerDiedError,
+        ) as exc:
             raise Unavailable(f"deployment {deployment}: a replica is down ({type(exc).__name__}); retry") from None
 
     # ------------------------------------------------------------------ bookkeeping (as ModelHost does)

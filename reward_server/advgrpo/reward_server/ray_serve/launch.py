@@ -47,8 +47,15 @@ def run(config: ServerConfig, ready_file: Path | None = None) -> None:
     else:
         ray.init(address=address, logging_level=logging.WARNING, namespace="advgrpo")
     stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(*_) -> None:
+        if not serving.is_set():  # still deploying (serve.run can wait for resources for good)
+            raise KeyboardInterrupt
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     app_name = config.ray.app_name
     try:
         serve.start(proxy_location="Disabled")
@@ -57,6 +64,7 @@ def run(config: ServerConfig, ready_file: Path | None = None) -> None:
             build_application(config), name=app_name, route_prefix=None, logging_config={"enable_access_log": False}
         )
         info = {**handle.ready_info.remote().result(), "backend": "ray", "app": app_name}
+        serving.set()
         line = json.dumps(info)
         print(line, flush=True)
         if ready_file is not None:

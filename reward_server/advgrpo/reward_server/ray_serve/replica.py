@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+import torch
 from ray import serve
 
-from advgrpo.common.errors import FailedPrecondition, RewardError
+from advgrpo.common.errors import FailedPrecondition, RewardError, Unavailable
 from advgrpo.reward.v1 import reward_pb2
 from advgrpo.reward_server import convert, wire
 from advgrpo.reward_server.config import ServerConfig, build_config
@@ -34,6 +35,9 @@ from advgrpo.reward_server.state import VERSION_KEY, state_from_bytes, state_to_
 log = logging.getLogger("advgrpo.reward_server.ray")
 
 OWNER = "DiscriminatorOwner"
+# A call to the owner waits at most its own timeout plus this: while the owner restarts, a Serve
+# handle call would wait for it without limit.
+OWNER_CALL_MARGIN_S = 5.0
 
 
 def hosted_config(config_map: dict[str, Any], models: list[str], *, durable: bool) -> ServerConfig:
@@ -53,6 +57,8 @@ def hosted_config(config_map: dict[str, Any], models: list[str], *, durable: boo
 
 
 def _load_host(config: ServerConfig) -> ModelHost:
+    if config.server.torch_threads:  # else Ray's OMP_NUM_THREADS: the replica's num_cpus
+        torch.set_num_threads(config.server.torch_threads)
     return ModelHost.from_config(config, check_device(config.server.device))
 
 
@@ -77,7 +83,7 @@ class DiscriminatorOwner:
         self._published: dict[str, _Published] = {}
         self._changed = asyncio.Condition()
         # (model, replica) -> what the replica last told us (its version, when, its queue).
-        self._replicas: dict[tuple[str, str], dict] = {}
+        self._replicas: dict[str, dict] = {}  # replica id -> its last report
         for name in models:
             await self._publish(name)
         log.info("discriminator owner ready: %s", {n: p.version for n, p in self._published.items()})
@@ -90,6 +96,9 @@ class DiscriminatorOwner:
         data = await asyncio.to_thread(state_to_bytes, tensors, {**meta, VERSION_KEY: str(version)})
         ref = ray.put(data)
         async with self._changed:
+            current = self._published.get(name)  # again: a concurrent update may have published a newer one
+            if current is not None and current.version >= version:
+                return
             self._published[name] = _Published(version, ref, time.time())
             self._changed.notify_all()
 
@@ -99,7 +108,17 @@ class DiscriminatorOwner:
             response = await convert.update(self.host, request)
         except RewardError as exc:
             return replies.refused(exc)
-        await self._publish(request.model)  # before the acknowledgement: a replica can fetch it at once
+        try:
+            await self._publish(request.model)  # before the acknowledgement: a replica can fetch it at once
+        except Exception as exc:  # durable but not published: a retry with its update_id publishes it
+            log.exception("publishing %s failed", request.model)
+            return replies.refused(
+                Unavailable(
+                    f"model {request.model!r}: the update is durable but was not published to the replicas ({exc}); "
+                    "resend it with the same update_id",
+                    retry_after_s=0.5,
+                )
+            )
         return replies.ok(response.SerializeToString())
 
     async def report(self, replica: str, report: dict) -> None:
@@ -114,7 +133,7 @@ class DiscriminatorOwner:
         The call also records the replica's ``report`` for status()."""
         await self.report(replica, report)
         if name not in self._published:
-            raise FailedPrecondition(f"model {name!r} is not trainable here")
+            return -1, None  # not a model of this owner (a replica's config differs): nothing to follow
         async with self._changed:
             try:
                 await asyncio.wait_for(
@@ -128,7 +147,7 @@ class DiscriminatorOwner:
     async def wait_published(self, name: str, at_least: int, timeout_s: float) -> int:
         """The published version of ``name`` once it is ``at_least`` (or after ``timeout_s``)."""
         if name not in self._published:
-            raise FailedPrecondition(f"model {name!r} is not trainable here")
+            return -1
         async with self._changed:
             try:
                 await asyncio.wait_for(
@@ -173,9 +192,9 @@ class ScoringReplica:
         self.poll_s = poll_s
         self.owner = owner
         self.trainable = [m.name for m in self.config.models if m.trainable] if owner is not None else []
-        self._locks = {name: asyncio.Lock() for name in self.trainable}
         self.installed_at: dict[str, float] = {}
         self._followers: dict[str, asyncio.Task] = {}
+        self._diverged: str | None = None  # set when the owner publishes below what this replica serves
         if self.trainable:
             self.host.catch_up = self.catch_up
             # Serve the owner's current versions before taking requests (a restarted replica
@@ -193,7 +212,15 @@ class ScoringReplica:
     async def _sync(self, name: str, until_above: int, timeout_s: float) -> int:
         """One poll of the owner; installs what it returns if newer. Returns the owner's version."""
         have = self._version(name)
-        version, refs = await self.owner.wait_version.remote(name, self.id, have, until_above, self.report(), timeout_s)
+        version, refs = await asyncio.wait_for(
+            self.owner.wait_version.remote(name, self.id, have, until_above, self.report(), timeout_s),
+            timeout_s + OWNER_CALL_MARGIN_S,  # the owner restarting: a handle call would wait for it
+        )
+        if 0 <= version < have:
+            # An owner that lost its state (restarted elsewhere without it): its versions no longer
+            # name these weights. Fail health: Serve replaces this replica, which then serves the
+            # owner's state; scores asking for the lost versions fail, never silently use others.
+            self._diverged = f"the owner publishes {name} version {version}, below the {have} served here"
         if refs and version > self._version(name):
             data = await refs[0]
             tensors, meta = await asyncio.to_thread(
@@ -229,7 +256,8 @@ class ScoringReplica:
         backoff = 0.1
         while True:
             try:
-                await self._sync(name, until_above=self._version(name), timeout_s=self.poll_s)
+                if await self._sync(name, until_above=self._version(name), timeout_s=self.poll_s) < 0:
+                    await asyncio.sleep(self.poll_s)  # the owner does not host it: nothing to follow
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
@@ -240,34 +268,40 @@ class ScoringReplica:
 
     async def catch_up(self, name: str, required: int, timeout_s: float) -> None:
         """ModelHost's hook for ``min_versions``: fetch ``required`` (or newer) from the owner now,
-        waiting for the owner to have it at most ``timeout_s``."""
-        if name not in self._locks:  # the host refuses these before asking; a guard
+        waiting for the owner to have it at most ``timeout_s``. FAILED_PRECONDITION when the owner
+        answered without it; UNAVAILABLE (retry) when the owner could not be reached."""
+        if name not in self.trainable:  # the host refuses these before asking; a guard
             raise FailedPrecondition(f"min_versions[{name!r}]: model {name!r} is not trainable")
         deadline = time.monotonic() + timeout_s
-        async with self._locks[name]:  # one fetch at a time; the others find it installed
-            owner_version = None
-            while self._version(name) < required:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    owner_version = await self._sync(name, until_above=required - 1, timeout_s=left)
-                except RewardError:
-                    raise
-                except Exception as exc:  # the owner is restarting: try again until the deadline
-                    log.warning("replica %s: catching up %s failed (%s)", self.id, name, exc)
-                    await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        if self._version(name) < required:
-            have = self._version(name)
-            known = (
-                f"the discriminator's owner has version {owner_version}"
-                if owner_version is not None
-                else ("the discriminator's owner did not answer")
+        owner_version, failure = None, None
+        while self._version(name) < required:  # the follower may install it meanwhile
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # No lock: concurrent catch-ups each ask the owner; installing is idempotent (newer only).
+            try:
+                owner_version = await self._sync(name, until_above=required - 1, timeout_s=left)
+                failure = None
+            except RewardError:
+                raise
+            except Exception as exc:  # the owner is restarting, an object was lost: again until the deadline
+                failure = exc
+                log.warning("replica %s: catching up %s failed (%r)", self.id, name, exc)
+                await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        have = self._version(name)
+        if have >= required:
+            return
+        if owner_version is None:
+            raise Unavailable(
+                f"min_versions[{name!r}]: version {required} required, this replica serves version {have}, and the "
+                f"discriminator's owner could not be reached in {timeout_s:g} s ({failure!r}); retry",
+                retry_after_s=1.0,
             )
-            raise FailedPrecondition(
-                f"min_versions[{name!r}]: version {required} required, but this replica serves version {have} and "
-                f"{known} after waiting {timeout_s:g} s (server.min_version_wait_s); update the discriminator first"
-            )
+        raise FailedPrecondition(
+            f"min_versions[{name!r}]: version {required} required, but this replica serves version {have} and "
+            f"the discriminator's owner has version {owner_version} after waiting {timeout_s:g} s "
+            "(server.min_version_wait_s); update the discriminator first"
+        )
 
     async def score(self, raw: bytes) -> replies.Reply:
         try:
@@ -280,6 +314,8 @@ class ScoringReplica:
         return {m.name: m.version for m in self.host.list_models()}
 
     async def check_health(self) -> None:
+        if self._diverged is not None:
+            raise RuntimeError(self._diverged)
         for name, task in self._followers.items():
             if task.done():
                 raise RuntimeError(f"the follower of {name} stopped: {task.exception()!r}")
