@@ -38,6 +38,8 @@ def run(config: ServerConfig, ready_file: Path | None = None) -> None:
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
     started_here = address is None
     if started_here:
+        # A Ray of our own reports no usage statistics (they would go to the internet).
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
             num_cpus=_logical_cpus(config),
             include_dashboard=False,
