@@ -317,24 +317,14 @@ class ModelHost:
         for g in groups:
             n = len(g.images)
             components, versions = {}, {}
-            rewards = np.zeros(n, dtype=np.float64)
             for name, scored in zip(weights, per_model, strict=True):
                 chunk = scored[offset : offset + n]
-                values = [s for s, _ in chunk]
-                components[name] = values
+                components[name] = [s for s, _ in chunk]
                 # A request is enqueued whole and updates run between batches, so one group is
                 # scored by one version; max() guards the report should that ever change.
                 versions[name] = max(v for _, v in chunk)
-                rewards += weights[name] * np.asarray(values, dtype=np.float64)
-            with np.errstate(over="ignore"):  # an overflow is caught just below
-                combined = rewards.astype(np.float32)
-            if not np.isfinite(combined).all():  # finite scores times large weights can overflow float32
-                j = int(np.flatnonzero(~np.isfinite(combined))[0])
-                raise ModelFailed(
-                    f"the weighted reward of groups[{len(results)}].images[{j}] (group_id {g.group_id!r}) is "
-                    f"{combined[j]} (weights {weights}): no reward is sent for this request"
-                )
-            results.append(GroupScore(g.group_id, combined.tolist(), components, versions))
+            rewards = weighted_rewards(weights, components, len(results), g.group_id)
+            results.append(GroupScore(g.group_id, rewards, components, versions))
             offset += n
         now = time.time()
         for name, scored in zip(weights, per_model, strict=True):
@@ -572,16 +562,7 @@ class ModelHost:
         outcome = await h.batcher.run_exclusive(run)
         if not outcome.replayed:
             self._version_raised()
-            m = self.metrics
-            m.updates.labels(model_name).inc()
-            m.model_version.labels(model_name).set(outcome.version)
-            m.update_loss.labels(model_name).set(outcome.loss)
-            m.update_accuracy.labels(model_name).set(outcome.accuracy)
-            m.reference_score.labels(model_name).set(outcome.reference_score)
-            m.generated_score.labels(model_name).set(outcome.generated_score)
-            now = time.time()
-            self.events.append(Event(now, "update", model_name, dict(outcome.__dict__)))
-            self.update_history[model_name].append({"time": now, **outcome.__dict__})
+            record_update(self.metrics, self.events, self.update_history, outcome)
         return outcome
 
     # ------------------------------------------------------------------ versions shared between processes
@@ -695,6 +676,20 @@ def check_groups(config: ServerConfig, groups: Sequence, field_name: str = "grou
     if total > limit:
         of_which = f" ({refs} of them references)" if refs else ""
         raise ResourceExhausted(f"{field_name}: {total} images in one request{of_which}, the limit is {limit}")
+
+
+def record_update(metrics: ServerMetrics, events, history: dict, outcome: UpdateResult) -> None:
+    """An acknowledged update in /metrics, the recent events and the model's curve (dashboard)."""
+    name = outcome.model
+    metrics.updates.labels(name).inc()
+    metrics.model_version.labels(name).set(outcome.version)
+    metrics.update_loss.labels(name).set(outcome.loss)
+    metrics.update_accuracy.labels(name).set(outcome.accuracy)
+    metrics.reference_score.labels(name).set(outcome.reference_score)
+    metrics.generated_score.labels(name).set(outcome.generated_score)
+    now = time.time()
+    events.append(Event(now, "update", name, dict(outcome.__dict__)))
+    history[name].append({"time": now, **outcome.__dict__})
 
 
 def not_served(name: str, served) -> NotFound:

@@ -30,6 +30,7 @@ from advgrpo.reward_server.host import (
     _gather_or_cancel,
     check_groups,
     not_served,
+    record_update,
     resolve_weights,
     weighted_rewards,
 )
@@ -178,10 +179,7 @@ class RayHost:
                     f"min_versions[{name!r}]: model {name!r} is not served here (models: {', '.join(self._models)})"
                 )
         floor = self._read_your_writes(request, weights)
-        if floor:
-            request.min_versions.update(floor)
-            if raw is not None:  # the same fields appended: protobuf merges them (later map entries win)
-                raw = raw + reward_pb2.ScoreRequest(min_versions=floor).SerializeToString()
+        request.min_versions.update(floor)  # the request's bytes stay as they came: the floor goes beside them
         by_deployment: dict[str, list[str]] = {}
         for name in weights:
             by_deployment.setdefault(self._deployment_of[name], []).append(name)
@@ -194,7 +192,7 @@ class RayHost:
         if whole:  # the request as it came: one deployment hosts every model it names
             (deployment,) = by_deployment
             payload = raw if raw is not None else request.SerializeToString()
-            response = reward_pb2.ScoreResponse.FromString(await self._call_scorer(deployment, payload))
+            response = reward_pb2.ScoreResponse.FromString(await self._call_scorer(deployment, payload, floor))
         else:
             # The request again as protobuf (the front end's parse keeps pixels as views, for a
             # single-process host): each deployment gets its groups with its own models' fields.
@@ -265,8 +263,8 @@ class RayHost:
             self._record_update(response)
         return response
 
-    async def _call_scorer(self, deployment: str, payload: bytes) -> bytes:
-        return replies.unwrap(await self._remote(self._scorers[deployment].score, deployment, payload))
+    async def _call_scorer(self, deployment: str, payload: bytes, floor: dict[str, int] | None = None) -> bytes:
+        return replies.unwrap(await self._remote(self._scorers[deployment].score, deployment, payload, floor or {}))
 
     async def _call_owner(self, method: str, *args):
         reply = await self._remote(getattr(self._owner, method), "DiscriminatorOwner", *args)
@@ -312,16 +310,7 @@ class RayHost:
         outcome = UpdateResult(r.model, r.version, r.loss, r.reference_score, r.generated_score, r.accuracy)
         self._versions[r.model] = max(self._versions[r.model], r.version)
         self._last_update[r.model] = outcome
-        m = self.metrics
-        m.updates.labels(r.model).inc()
-        m.model_version.labels(r.model).set(r.version)
-        m.update_loss.labels(r.model).set(r.loss)
-        m.update_accuracy.labels(r.model).set(r.accuracy)
-        m.reference_score.labels(r.model).set(r.reference_score)
-        m.generated_score.labels(r.model).set(r.generated_score)
-        now = time.time()
-        self.events.append(Event(now, "update", r.model, dict(outcome.__dict__)))
-        self.update_history[r.model].append({"time": now, **outcome.__dict__})
+        record_update(self.metrics, self.events, self.update_history, outcome)
 
 
 def _combine(weights: dict[str, float], parts: list[reward_pb2.ScoreResponse]) -> reward_pb2.ScoreResponse:

@@ -303,9 +303,14 @@ class ScoringReplica:
             "(server.min_version_wait_s); update the discriminator first"
         )
 
-    async def score(self, raw: bytes) -> replies.Reply:
+    async def score(self, raw: bytes, floor: dict[str, int]) -> replies.Reply:
+        """``raw``: the ScoreRequest's bytes; ``floor``: versions the ingress knows acknowledged,
+        raised into its min_versions here (no copy of the request's bytes to add them)."""
         try:
-            response = await convert.score(self.host, wire.parse(reward_pb2.ScoreRequest, raw))
+            request = wire.parse(reward_pb2.ScoreRequest, raw)
+            for name, version in floor.items():
+                request.min_versions[name] = max(request.min_versions.get(name, 0), version)
+            response = await convert.score(self.host, request)
         except RewardError as exc:
             return replies.refused(exc)
         return replies.ok(response.SerializeToString())
